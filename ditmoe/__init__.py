@@ -1,0 +1,1 @@
+"""ditmoe: training system for sparse Mixture-of-Experts diffusion transformers."""
