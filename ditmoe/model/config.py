@@ -1,0 +1,98 @@
+"""Architecture configuration of DiT / DiT-MoE models."""
+
+from dataclasses import asdict, dataclass, fields, replace
+
+ROUTINGS = ("token_choice", "expert_choice")
+MOE_PLACEMENTS = ("all", "every_other", "deep_half")
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Every architecture and MoE hyper-parameter of a DiT(-MoE) model.
+
+    ``num_experts == 0`` gives the dense DiT (GELU MLP of width ``mlp_ratio * hidden_size``).
+    """
+
+    input_size: int = 32  # latent height = width
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0  # dense MLP width / hidden_size
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    learn_sigma: bool = True
+    qk_norm: bool = False  # per-head LayerNorm on queries and keys (official XL/G checkpoints)
+    # Mixture of experts.
+    num_experts: int = 0
+    top_k: int = 2
+    routing: str = "token_choice"
+    capacity_factor: float = 2.0  # expert choice: each expert takes capacity_factor * T / E tokens
+    norm_topk_prob: bool = False  # token choice: renormalise the k routing weights to sum to 1
+    expert_ratio: float = 4.0  # expert SwiGLU width / hidden_size
+    num_shared_experts: int = 2  # shared experts, each a SwiGLU of width shared_expert_ratio * hidden_size
+    shared_expert_ratio: float = 1.0
+    moe_placement: str = "all"
+    balance_loss_alpha: float = 0.005
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+        if self.input_size % self.patch_size:
+            raise ValueError(f"input_size={self.input_size} (latent size) is not divisible by patch_size={self.patch_size}")
+        if self.num_experts < 0:
+            raise ValueError(f"num_experts={self.num_experts} must be >= 0")
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing={self.routing!r} is not one of {ROUTINGS}")
+        if self.moe_placement not in MOE_PLACEMENTS:
+            raise ValueError(f"moe_placement={self.moe_placement!r} is not one of {MOE_PLACEMENTS}")
+        if self.num_experts and self.routing == "token_choice" and not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k={self.top_k} must be between 1 and num_experts={self.num_experts}")
+        if self.num_experts and self.routing == "expert_choice" and self.capacity_factor <= 0:
+            raise ValueError(f"capacity_factor={self.capacity_factor} must be > 0")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def out_channels(self) -> int:
+        return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.input_size // self.patch_size) ** 2
+
+    @property
+    def expert_hidden(self) -> int:
+        return int(self.expert_ratio * self.hidden_size)
+
+    @property
+    def shared_hidden(self) -> int:
+        """Width of the fused shared-expert SwiGLU (sum of all shared experts)."""
+        return int(self.num_shared_experts * self.shared_expert_ratio * self.hidden_size)
+
+    def moe_in_block(self, index: int) -> bool:
+        """Whether block ``index`` (0-based) uses an MoE FFN."""
+        if not self.is_moe:
+            return False
+        if self.moe_placement == "every_other":
+            return index % 2 == 1
+        if self.moe_placement == "deep_half":
+            return index >= self.depth // 2
+        return True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DiTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model config key(s) {unknown}; valid keys: {sorted(known)}")
+        return cls(**data)
+
+    def replace(self, **changes) -> "DiTConfig":
+        return replace(self, **changes)

@@ -1,0 +1,114 @@
+"""DiT backbone with adaLN-Zero blocks whose feed-forward is dense or mixture-of-experts."""
+
+import torch
+from torch import nn
+
+from .attention import Attention
+from .config import DiTConfig
+from .embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d
+from .mlp import GeluMLP
+from .moe import MoEFeedForward
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class DiTBlock(nn.Module):
+    """Attention and feed-forward, each modulated and gated by the conditioning (adaLN-Zero)."""
+
+    def __init__(self, config: DiTConfig, use_moe: bool):
+        super().__init__()
+        d = config.hidden_size
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(d, config.num_heads, qk_norm=config.qk_norm)
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.mlp = MoEFeedForward(config) if use_moe else GeluMLP(d, int(config.mlp_ratio * d))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x  # (N, T, D)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.norm_final = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(d, config.patch_size**2 * config.out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, T, p*p*C_out)
+
+
+class DiT(nn.Module):
+    """Class-conditional diffusion transformer: ``forward(x, t, y)`` maps (N, C, H, W) latents,
+    (N,) timesteps and (N,) labels to (N, C_out, H, W), C_out = 2C with learned σ."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = config
+        d = config.hidden_size
+        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, d)
+        self.t_embedder = TimestepEmbedder(d)
+        self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob)
+        grid = config.input_size // config.patch_size
+        self.register_buffer("pos_embed", sincos_2d(d, grid).unsqueeze(0))  # (1, T, D), fixed
+        self.blocks = nn.ModuleList(DiTBlock(config, config.moe_in_block(i)) for i in range(config.depth))
+        self.final_layer = FinalLayer(config)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """DiT's initialisation: Xavier linears, zeroed adaLN modulation and output layer."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for module in self.moe_layers():
+            nn.init.kaiming_uniform_(module.gate.weight, a=5**0.5)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def moe_layers(self) -> list[MoEFeedForward]:
+        return [block.mlp for block in self.blocks if isinstance(block.mlp, MoEFeedForward)]
+
+    def balance_loss(self) -> torch.Tensor:
+        """Sum over MoE layers of the balance losses of the last forward (0 for a dense model)."""
+        losses = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
+        return torch.stack(losses).sum() if losses else self.pos_embed.new_zeros(())
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, T, p*p*C) -> (N, C, H, W)."""
+        c, p = self.config.out_channels, self.config.patch_size
+        h = w = self.config.input_size // p
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if x.shape[1:] != (cfg.in_channels, cfg.input_size, cfg.input_size):
+            raise ValueError(
+                f"input of shape {tuple(x.shape)} does not match the model's "
+                f"(N, {cfg.in_channels}, {cfg.input_size}, {cfg.input_size})"
+            )
+        x = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (N, T, D)
+        c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
+        for block in self.blocks:
+            x = block(x, c)
+        return self.unpatchify(self.final_layer(x, c))  # (N, C_out, H, W)

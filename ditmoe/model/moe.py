@@ -1,0 +1,95 @@
+"""Mixture-of-experts feed-forward layer of DiT-MoE.
+
+Layout (DeepSpeed AutoEP detects it): router ``gate = nn.Linear(D, E, bias=False)``; ``experts`` holding
+fused SwiGLU weights ``gate_up_proj (E, 2F, D)`` (gate rows first, then up) and ``down_proj (E, D, F)``;
+``shared_experts``, a SwiGLU every token goes through.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import DiTConfig
+from .mlp import SwiGLU
+from .routing import Routing, expert_capacity, expert_choice, token_choice
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts applied to tokens already sorted by expert (contiguous slices)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, ffn_hidden: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * ffn_hidden, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_hidden))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Xavier-uniform per expert and per projection, like separate nn.Linear layers in DiT."""
+        ffn, hidden = self.down_proj.shape[2], self.down_proj.shape[1]
+        bound = math.sqrt(6.0 / (ffn + hidden))
+        nn.init.uniform_(self.gate_up_proj, -bound, bound)
+        nn.init.uniform_(self.down_proj, -bound, bound)
+
+    def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """x: (A, D) tokens sorted by expert, ``counts[e]`` of them for expert e. Returns (A, D)."""
+        outputs = []
+        for e, chunk in enumerate(torch.split(x, counts)):
+            if chunk.shape[0] == 0:
+                continue
+            gate, up = F.linear(chunk, self.gate_up_proj[e]).chunk(2, dim=-1)  # (n_e, F) each
+            outputs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))  # (n_e, D)
+        return torch.cat(outputs) if outputs else x.new_zeros(0, x.shape[1])
+
+
+def dispatch(x: torch.Tensor, routing: Routing, experts: GroupedExperts) -> torch.Tensor:
+    """Sort assignments by expert, run each expert on its contiguous slice, weight and scatter-add back.
+
+    x: (T, D). Returns (T, D).
+    """
+    order = torch.argsort(routing.expert_index, stable=True)  # (A,)
+    token = routing.token_index[order]
+    counts = torch.bincount(routing.expert_index, minlength=experts.num_experts).tolist()
+    out = experts(x.index_select(0, token), counts)  # (A, D)
+    out = out * routing.weight[order].to(out.dtype)[:, None]
+    return torch.zeros_like(x).index_add_(0, token, out)
+
+
+class MoEFeedForward(nn.Module):
+    """Routed SwiGLU experts plus shared experts; keeps the last forward's balance loss and expert load."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.routing = config.routing
+        self.num_experts = config.num_experts
+        self.top_k = config.top_k
+        self.norm_topk_prob = config.norm_topk_prob
+        self.capacity_factor = config.capacity_factor
+        self.alpha = config.balance_loss_alpha
+        self.gate = nn.Linear(d, config.num_experts, bias=False)
+        self.experts = GroupedExperts(config.num_experts, d, config.expert_hidden)
+        self.shared_experts = SwiGLU(d, config.shared_hidden) if config.shared_hidden else None
+        self.aux_loss: torch.Tensor | None = None
+        self.tokens_per_expert: torch.Tensor | None = None
+
+    def route(self, x: torch.Tensor) -> Routing:
+        """x: (N, T, D) -> assignments over the flattened (N*T) tokens."""
+        logits = self.gate(x)  # (N, T, E)
+        if self.routing == "expert_choice":
+            return expert_choice(logits, expert_capacity(self.capacity_factor, x.shape[1], self.num_experts))
+        alpha = self.alpha if self.training else 0.0
+        return token_choice(logits.reshape(-1, self.num_experts), self.top_k, self.norm_topk_prob, alpha)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        routing = self.route(x)
+        self.aux_loss = routing.aux_loss
+        self.tokens_per_expert = routing.tokens_per_expert.detach()
+        flat = x.reshape(n * t, d)
+        y = dispatch(flat, routing, self.experts)  # (N*T, D)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        return y.reshape(n, t, d)

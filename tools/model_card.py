@@ -1,0 +1,44 @@
+"""Print total/activated parameters and forward GFLOPs of a preset, computed on the meta device.
+
+    python tools/model_card.py --preset DiT-MoE-G/2-16E2A [--json] [--set routing=expert_choice ...]
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ditmoe.config_overrides import apply_overrides  # noqa: E402
+from ditmoe.model import PRESETS, get_preset  # noqa: E402
+from ditmoe.model.card import model_card  # noqa: E402
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", help="model preset name (see --list)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a model config field")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--list", action="store_true", help="list the preset names")
+    args = parser.parse_args(argv)
+    if args.list:
+        print("\n".join(PRESETS))
+        return
+    if not args.preset:
+        parser.error("--preset is required (or --list)")
+    try:
+        config = apply_overrides(get_preset(args.preset), args.set, "model")
+    except ValueError as err:
+        parser.error(str(err))
+    card = {"preset": args.preset, **model_card(config), "config": config.to_dict()}
+    if args.json:
+        print(json.dumps(card, indent=2))
+        return
+    print(f"{args.preset}: {card['params_total_M']:.2f}M total, {card['params_activated_M']:.2f}M activated parameters")
+    print(f"  forward at latent {card['latent_shape']}: {card['gflops_paper']:.2f} GFLOPs (linear MACs, paper), "
+          f"{card['gmacs_with_attention']:.2f} GMACs with attention, {card['gflops_full']:.2f} GFLOPs full")
+
+
+if __name__ == "__main__":
+    main()
