@@ -1,0 +1,116 @@
+"""Rectified flow objective (DiT-MoE's flow variant) with an Euler sampler.
+
+Path: x_t = (1 - t) x_0 + t eps, t in (0, 1); t = 1 is pure noise. The model regresses the
+constant velocity eps - x_0 with a per-sample mean squared error, and t is drawn logit-normal:
+t = sigmoid(m + s * n), n ~ N(0, 1).
+
+Time given to the model: ``time_scale * t``. DiT-MoE's official ``diffusion/rectified_flow.py``
+passes t itself (in [0, 1], both in training and in its Euler sampler), so the default is
+``time_scale=1.0``; use 1000.0 for a timestep embedder tuned to DDPM-style indices. The time
+tensor given to the model is float32 (float64 for float64 data) to keep t precise under bf16.
+
+When the model returns 2C channels (a learned-sigma head kept for architecture parity), the
+first C channels are the velocity and the rest are ignored.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .guidance import ClassifierFreeGuidance, Model
+
+
+def _bcast(t: Tensor, ref: Tensor) -> Tensor:
+    """(N,) -> (N, 1, ..., 1) matching ref's rank."""
+    return t.reshape(-1, *([1] * (ref.ndim - 1)))
+
+
+class RectifiedFlow:
+    """Velocity-matching flow objective between data (t=0) and Gaussian noise (t=1)."""
+
+    def __init__(self, time_scale: float = 1.0, logit_mean: float = 0.0, logit_std: float = 1.0):
+        if logit_std <= 0:
+            raise ValueError(f"logit_std must be > 0, got {logit_std}")
+        self.time_scale = float(time_scale)
+        self.logit_mean = float(logit_mean)
+        self.logit_std = float(logit_std)
+
+    def sample_t(self, n: int, device: torch.device | str | None = None) -> Tensor:
+        """Logit-normal times (n,) in (0, 1), float32, from torch's global RNG; median sigmoid(m)."""
+        return torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(n, device=device))
+
+    @staticmethod
+    def interpolate(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """x_t = (1 - t) x_0 + t eps, computed in t's precision and returned in x0's dtype."""
+        tb = _bcast(t, x0)
+        return ((1.0 - tb) * x0.to(t.dtype) + tb * noise.to(t.dtype)).to(x0.dtype)
+
+    @staticmethod
+    def velocity_target(x0: Tensor, noise: Tensor) -> Tensor:
+        """d x_t / d t = eps - x_0."""
+        return noise - x0
+
+    def velocity(self, model: Model, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        """Model velocity at (x, t): calls ``model(x, time_scale * t, y)``, keeps the first C channels."""
+        out = model(x, t * self.time_scale, y)
+        channels = x.shape[1]
+        if out.shape[1] not in (channels, 2 * channels):
+            raise ValueError(f"model returned {out.shape[1]} channels, expected {channels} or {2 * channels}")
+        return out[:, :channels]
+
+    def training_losses(
+        self, model: Model, x0: Tensor, y: Tensor, *, t: Tensor | None = None, noise: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """Per-sample (N,) 'loss' == 'mse' and zero 'vb'. ``t`` then ``noise`` default to draws
+        from torch's global RNG on x0's device."""
+        work = torch.promote_types(x0.dtype, torch.float32)
+        if t is None:
+            t = self.sample_t(x0.shape[0], x0.device)
+        if noise is None:
+            noise = torch.randn_like(x0)
+        t = t.to(work)
+        x_t = self.interpolate(x0, noise, t)  # (N, C, H, W)
+        v_pred = self.velocity(model, x_t, t, y).to(work)
+        target = self.velocity_target(x0.to(work), noise.to(work))
+        mse = ((target - v_pred) ** 2).mean(dim=tuple(range(1, x0.ndim)))
+        return {"loss": mse, "mse": mse, "vb": torch.zeros_like(mse)}
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model: Model,
+        noise: Tensor,
+        y: Tensor,
+        *,
+        cfg_scale: float = 1.0,
+        num_classes: int,
+        guide_channels: int | None = None,
+        sampler: str = "euler",
+        steps: int | None = None,
+        eta: float = 0.0,
+        progress: bool = False,
+    ) -> Tensor:
+        """Integrate dx/dt = v from t=1 (``noise``) to t=0 with ``steps`` Euler steps (default 50).
+
+        The velocity is evaluated at t = k/steps for k = steps..1. ``eta`` is accepted for interface
+        compatibility and unused (the sampler is deterministic). Returns x_0 in noise's dtype.
+        """
+        if sampler != "euler":
+            raise ValueError(f"sampler={sampler!r} is not supported by RectifiedFlow; valid choices: ['euler']")
+        steps = 50 if steps is None else steps
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        net = ClassifierFreeGuidance(model, cfg_scale, null_label=num_classes, guide_channels=guide_channels)
+        work = torch.promote_types(noise.dtype, torch.float32)
+        x = noise.to(work)
+        dt = 1.0 / steps
+        indices = range(steps, 0, -1)
+        if progress:
+            indices = tqdm(indices, desc="euler sampling")
+        for k in indices:
+            t = torch.full((noise.shape[0],), k / steps, dtype=work, device=noise.device)
+            v = self.velocity(net, x.to(noise.dtype), t, y)
+            x = x - dt * v.to(work)
+        return x.to(noise.dtype)
