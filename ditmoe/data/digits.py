@@ -1,0 +1,23 @@
+"""The embedded default dataset: scikit-learn's 8×8 handwritten digits as 1-channel "latents"."""
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+
+PIXEL_MAX = 16.0  # digits pixels are integers in [0, 16]
+
+
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """Images (1797, 8, 8) uint8 in [0, 16] and labels (1797,) int64."""
+    data = load_digits()
+    return data.images.astype(np.uint8), data.target.astype(np.int64)
+
+
+def pixels_to_latents(images: np.ndarray) -> torch.Tensor:
+    """(N, 8, 8) pixels in [0, 16] -> (N, 1, 8, 8) float32 in [-1, 1]."""
+    return torch.from_numpy(images.astype(np.float32) / PIXEL_MAX * 2 - 1).unsqueeze(1)
+
+
+def latents_to_pixels(latents: torch.Tensor) -> np.ndarray:
+    """(N, 1, 8, 8) model outputs -> (N, 8, 8) float pixels clipped to [0, 16]."""
+    return ((latents[:, 0].float().clamp(-1, 1) + 1) / 2 * PIXEL_MAX).cpu().numpy()

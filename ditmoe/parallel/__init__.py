@@ -1,0 +1,1 @@
+"""Everything distributed: process-group setup and the DeepSpeed engine around single-device models."""

@@ -1,0 +1,59 @@
+"""Process-group setup that works the same alone, under torchrun, the deepspeed launcher or srun."""
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def export_launcher_env():
+    """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from SLURM (srun) or defaults for a single process."""
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env:
+        env["RANK"] = env["SLURM_PROCID"]
+        env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    env.setdefault("RANK", "0")
+    env.setdefault("WORLD_SIZE", "1")
+    env.setdefault("LOCAL_RANK", "0")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in env:
+        if env["WORLD_SIZE"] != "1":
+            raise RuntimeError("MASTER_PORT is not set for a multi-process run (set it, or launch with torchrun)")
+        env["MASTER_PORT"] = str(_free_port())
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Initialise DeepSpeed's process group (NCCL on GPU, gloo on CPU); returns (rank, world, device)."""
+    import deepspeed
+
+    export_launcher_env()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks of a float tensor (a copy)."""
+    out = values.detach().clone()
+    dist.all_reduce(out)
+    return out / dist.get_world_size()
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    out = values.detach().clone()
+    dist.all_reduce(out)
+    return out

@@ -1,0 +1,75 @@
+"""Training checkpoints: DeepSpeed engine state plus EMA weights and ``meta.json`` in one tag directory.
+
+Layout: ``OUT/checkpoints/<tag>/`` holds DeepSpeed's files, ``ema.pt`` and ``meta.json`` (step,
+model and training config, data position, RNG); ``OUT/checkpoints/latest`` names the newest tag and
+is written last, so a crash mid-save leaves the previous checkpoint as the latest.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+
+META = "meta.json"
+EMA_FILE = "ema.pt"
+
+
+def tag_for_step(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def latest_tag_dir(ckpt_root: Path) -> Path | None:
+    latest = ckpt_root / "latest"
+    if not latest.is_file():
+        return None
+    tag_dir = ckpt_root / latest.read_text().strip()
+    if not tag_dir.is_dir():
+        raise FileNotFoundError(f"{latest} names {tag_dir.name!r}, which does not exist")
+    return tag_dir
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory, its ``checkpoints/`` directory or a tag directory -> the tag directory."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path}: no such file or directory")
+    for root in (path / "checkpoints", path):
+        tag_dir = latest_tag_dir(root)
+        if tag_dir is not None:
+            return tag_dir
+    if (path / META).is_file():
+        return path
+    raise FileNotFoundError(f"checkpoint {path}: no {META} and no 'latest' file in it or in {path / 'checkpoints'}")
+
+
+def read_meta(tag_dir: Path) -> dict:
+    file = tag_dir / META
+    if not file.is_file():
+        raise FileNotFoundError(f"checkpoint {tag_dir}: missing {META}")
+    return json.loads(file.read_text())
+
+
+def save(engine, ckpt_root: Path, step: int, *, ema_state: dict, meta: dict, rank: int):
+    tag = tag_for_step(step)
+    tag_dir = ckpt_root / tag
+    if rank == 0:
+        tag_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(ema_state, tag_dir / EMA_FILE)
+        (tag_dir / META).write_text(json.dumps({**meta, "step": step, "tag": tag}, indent=2))
+    engine.save_checkpoint(str(ckpt_root), tag=tag)  # collective; writes 'latest' last
+
+
+def load(engine, tag_dir: Path) -> tuple[dict, dict]:
+    """Restore the engine (module, optimizer, scheduler) from ``tag_dir``; returns (meta, ema_state)."""
+    meta = read_meta(tag_dir)
+    ema_file = tag_dir / EMA_FILE
+    if not ema_file.is_file():
+        raise FileNotFoundError(f"checkpoint {tag_dir}: missing {EMA_FILE}")
+    load_path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    if load_path is None:
+        raise FileNotFoundError(f"checkpoint {tag_dir}: DeepSpeed found no engine state to load")
+    return meta, torch.load(ema_file, map_location="cpu")
+
+
+def load_ema_model_state(tag_dir: Path) -> dict:
+    return torch.load(tag_dir / EMA_FILE, map_location="cpu")

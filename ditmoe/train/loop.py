@@ -1,0 +1,162 @@
+"""The training loop: DeepSpeed engine, EMA, checkpoints with exact resume, metrics."""
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..diffusion import build_objective
+from ..model import DiT
+from ..parallel import engine as ds_engine
+from ..parallel.distributed import all_reduce_mean, all_reduce_sum, init_distributed
+from . import checkpoint
+from .config import TrainConfig
+from .data import build_loader
+from .ema import EMA
+from .metrics import MetricsWriter, expert_load_stats
+
+
+def micro_batch_seed(seed: int, step: int, micro_index: int) -> int:
+    """Seed of the noise, timesteps and label dropout of one micro-batch: independent of world size."""
+    return (seed * 1_000_003 + step) * 4099 + micro_index
+
+
+def model_fn(engine, dtype: torch.dtype):
+    """model(x, t, y) on the engine with inputs cast to its dtype and fp32 outputs."""
+
+    def call(x, t, y):
+        return engine(x.to(dtype), t, y).float()
+
+    return call
+
+
+def check_resume_compatible(meta: dict, config: TrainConfig, tag_dir: Path):
+    saved = meta["model_config"]
+    current = config.model_config().to_dict()
+    diff = sorted(k for k in current if saved.get(k) != current[k])
+    if diff:
+        details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current[k]!r}" for k in diff)
+        raise ValueError(f"checkpoint {tag_dir} was trained with another model config ({details})")
+
+
+def find_resume(config: TrainConfig, ckpt_root: Path) -> Path | None:
+    if config.resume is None:
+        return None
+    if config.resume == "auto":
+        return checkpoint.latest_tag_dir(ckpt_root)
+    return checkpoint.resolve_checkpoint(config.resume)
+
+
+def train(config: TrainConfig) -> dict:
+    """Run training; returns the final metrics record (rank 0's view)."""
+    rank, world, device = init_distributed()
+    out = Path(config.out)
+    ckpt_root = out / "checkpoints"
+    model_config = config.model_config()
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(
+            json.dumps({"train": config.to_dict(), "model": model_config.to_dict()}, indent=2)
+        )
+
+    micro = config.micro_batch_size or config.global_batch_size // world
+    ds_config = ds_engine.deepspeed_config(
+        base=ds_engine.load_config_file(config.deepspeed_config),
+        global_batch_size=config.global_batch_size, micro_batch_size=micro, world_size=world,
+        zero_stage=config.zero_stage, precision=config.precision, grad_clip=config.grad_clip,
+    )
+    accumulation = ds_config["gradient_accumulation_steps"]
+    loader = build_loader(config, model_config)
+    resume_dir = find_resume(config, ckpt_root)
+    if resume_dir is not None:
+        check_resume_compatible(checkpoint.read_meta(resume_dir), config, resume_dir)
+
+    torch.manual_seed(config.seed)  # identical initial weights on every rank
+    model = DiT(model_config).to(device)
+    ema = EMA(model, config.ema_decay)
+    objective = build_objective(config.objective)
+    optimizer = ds_engine.build_optimizer(model, config.lr, config.weight_decay, (config.adam_beta1, config.adam_beta2))
+    engine, optimizer = ds_engine.initialize(model, optimizer, ds_config)
+    dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
+    forward = model_fn(engine, dtype)
+
+    step = 0
+    if resume_dir is not None:
+        meta, ema_state = checkpoint.load(engine, resume_dir)
+        ema.load_state_dict(ema_state)
+        loader.load_state_dict(meta["data"])
+        torch.set_rng_state(torch.tensor(meta["rng"], dtype=torch.uint8))
+        step = meta["step"]
+        if rank == 0:
+            print(f"resumed from {resume_dir} at step {step}", flush=True)
+
+    moe_layers = engine.module.moe_layers()
+    moe_blocks = [i for i, b in enumerate(engine.module.blocks) if b.mlp in moe_layers]
+    writer = MetricsWriter(out, config.tensorboard) if rank == 0 else None
+    record = {}
+    window_start, window_samples = time.perf_counter(), 0
+    while step < config.steps:
+        x_all, y_all = loader.next_global_batch()
+        sums = torch.zeros(4)
+        loads = torch.zeros(len(moe_layers), model_config.num_experts)
+        grad_norm = None
+        set_lr(optimizer, config, step)
+        for a in range(accumulation):
+            j = a * world + rank
+            x, y = x_all[j * micro:(j + 1) * micro].to(device), y_all[j * micro:(j + 1) * micro].to(device)
+            torch.manual_seed(micro_batch_seed(config.seed, step, j))
+            losses = objective.training_losses(forward, x, y)
+            balance = engine.module.balance_loss().float()
+            loss = losses["loss"].mean() + balance
+            engine.backward(loss)
+            if a == accumulation - 1 and ds_config["zero_optimization"]["stage"] == 0:
+                grad_norm = parameter_grad_norm(engine.module)
+            engine.step()
+            sums += torch.stack([loss, losses["mse"].mean(), losses["vb"].mean(), balance]).detach().cpu()
+            for i, layer in enumerate(moe_layers):
+                loads[i] += layer.tokens_per_expert.float().cpu()
+        step += 1
+        ema.update(engine.module)
+        window_samples += config.global_batch_size
+        if grad_norm is None:
+            grad_norm = float(engine.get_global_grad_norm())
+
+        if step % config.log_every == 0 or step == config.steps:
+            mean = all_reduce_mean(sums) / accumulation
+            loads = all_reduce_sum(loads)
+            elapsed = time.perf_counter() - window_start
+            record = {
+                "step": step, "loss": mean[0].item(), "mse": mean[1].item(), "vb": mean[2].item(),
+                "balance_loss": mean[3].item(), "grad_norm": grad_norm, "lr": optimizer.param_groups[0]["lr"],
+                "samples_per_s": window_samples / elapsed,
+                **expert_load_stats(loads.tolist(), moe_blocks),
+            }
+            if writer is not None:
+                writer.log(record)
+                print(f"step {step}/{config.steps} loss {record['loss']:.4f} mse {record['mse']:.4f} "
+                      f"vb {record['vb']:.4f} balance {record['balance_loss']:.5f} "
+                      f"grad_norm {grad_norm:.3f} {record['samples_per_s']:.1f} samples/s", flush=True)
+            window_start, window_samples = time.perf_counter(), 0
+
+        if step % config.ckpt_every == 0 or step == config.steps:
+            meta = {
+                "model_config": model_config.to_dict(), "train_config": config.to_dict(),
+                "data": loader.state_dict(), "rng": torch.get_rng_state().tolist(), "world_size": world,
+            }
+            checkpoint.save(engine, ckpt_root, step, ema_state=ema.state_dict(), meta=meta, rank=rank)
+    if writer is not None:
+        writer.close()
+    return record
+
+
+def set_lr(optimizer, config: TrainConfig, step: int):
+    """Linear warm-up over ``lr_warmup_steps``, then constant."""
+    scale = min(1.0, (step + 1) / config.lr_warmup_steps) if config.lr_warmup_steps else 1.0
+    for group in optimizer.param_groups:
+        group["lr"] = config.lr * scale
+
+
+def parameter_grad_norm(module: torch.nn.Module) -> float:
+    grads = [p.grad.detach().float() for p in module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
