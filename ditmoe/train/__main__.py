@@ -55,9 +55,12 @@ def main(argv=None):
     from .loop import train
     from .final_eval import final_eval
 
-    record = train(config)
-    if config.data == "digits":
-        record = {**record, **final_eval(config)}
+    try:
+        record = train(config)
+        if config.data == "digits" and config.eval_samples > 0:
+            record = {**record, **final_eval(config)}
+    except (ValueError, FileNotFoundError) as err:  # bad input: the message names the file/key/option
+        sys.exit(f"error: {err}")
     print(json.dumps({k: v for k, v in record.items() if not isinstance(v, list)}))
 
 

@@ -32,7 +32,7 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 500
     tensorboard: bool = True
-    # Evaluation at the end of training (digits data): sample grid and conditional accuracy.
+    # Evaluation at the end of training (digits data): sample grid and conditional accuracy; 0 skips it.
     eval_samples: int = 1000
     eval_sampler: str = "ddim"
     eval_steps: int = 50

@@ -1,0 +1,35 @@
+"""Shared fixtures: run the real command-line entry points in subprocesses."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A very small digits run: same code path as the demo, a few seconds per command.
+SMALL_DIGITS = [
+    "--preset", "demo", "--global-batch-size", "16",
+    "--set", "model.hidden_size=32", "--set", "model.depth=2", "--set", "model.num_heads=2",
+    "--set", "log_every=1", "--set", "eval_samples=0",
+]
+
+
+def run_cli(args: list[str], *, check: bool = True, env: dict | None = None, timeout: int = 600):
+    """Run ``python ARGS`` from the repository root; returns the CompletedProcess."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def trained_digits_run(tmp_path_factory):
+    """A 4-step digits run with a checkpoint, shared by the sampling-tool tests."""
+    out = tmp_path_factory.mktemp("digits_run")
+    run_cli(["-m", "ditmoe.train", *SMALL_DIGITS, "--steps", "4", "--out", str(out)])
+    return out
