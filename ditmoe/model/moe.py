@@ -36,11 +36,13 @@ class GroupedExperts(nn.Module):
     def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x: (A, D) tokens sorted by expert, ``counts[e]`` of them for expert e. Returns (A, D)."""
         outputs = []
-        for e, chunk in enumerate(torch.split(x, counts)):
+        # unbind once: one gradient stack in backward instead of a full-size zero tensor per expert
+        weights = zip(self.gate_up_proj.unbind(0), self.down_proj.unbind(0))
+        for chunk, (gate_up_proj, down_proj) in zip(torch.split(x, counts), weights):
             if chunk.shape[0] == 0:
                 continue
-            gate, up = F.linear(chunk, self.gate_up_proj[e]).chunk(2, dim=-1)  # (n_e, F) each
-            outputs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))  # (n_e, D)
+            gate, up = F.linear(chunk, gate_up_proj).chunk(2, dim=-1)  # (n_e, F) each
+            outputs.append(F.linear(F.silu(gate) * up, down_proj))  # (n_e, D)
         return torch.cat(outputs) if outputs else x.new_zeros(0, x.shape[1])
 
 
