@@ -1,0 +1,267 @@
+"""Precompute VAE latents from WebDataset image shards (the engine of tools/precompute_latents.py).
+
+Each input shard becomes one latent shard of the same file name in the output directory. Input
+shard ``i`` goes to rank ``i % world_size``. A finished shard gets a sidecar ``NAME.tar.json``
+(counts, checksum, rejects), written after the tar is renamed into place; a rerun skips shards
+whose sidecar matches the settings. The last rank to finish writes ``rejects.jsonl`` and then
+``manifest.json``. Every sample read is either written or listed in the rejects with its reason.
+"""
+
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .image_shards import ImageShardReader
+from .latent_format import MANIFEST, REJECTS, ShardWriter, check_key, make_manifest, write_json_atomic
+from .preprocess import pil_preprocess, plan_resize, probe_image
+from .vae_encode import encode_with_flip, latent_shape, load_vae
+
+IMAGE_EXTS = ("jpg", "jpeg", "png")
+
+
+@dataclass
+class Settings:
+    inputs: list  # input shard paths, in order
+    output: Path
+    resolution: int
+    vae: str
+    batch_size: int = 32
+    workers: int = 4
+    decoder: str = "pil"  # "pil" or "dali"
+    device: str = "cpu"  # "cpu" or "cuda"
+
+
+@dataclass
+class _Candidate:
+    key: str
+    data: bytes
+    label: int
+    image_format: str
+    mode: str
+    plan: object
+
+
+def rank_from_env(env=os.environ):
+    """``(rank, world_size, local_rank)`` from torchrun (RANK/WORLD_SIZE) or SLURM variables."""
+    names = [("RANK", "WORLD_SIZE", "LOCAL_RANK"), ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")]
+    for rank_var, world_var, local_var in names:
+        if rank_var in env:
+            try:
+                rank, world, local = int(env[rank_var]), int(env.get(world_var, 1)), int(env.get(local_var, 0))
+            except ValueError:
+                raise ValueError(f"{rank_var}/{world_var}/{local_var} must be integers") from None
+            if not 0 <= rank < world:
+                raise ValueError(f"{rank_var}={rank} is out of range for {world_var}={world}")
+            return rank, world, local
+    return 0, 1, 0
+
+
+def _prepare(sample, resolution, seen):
+    """TarSample -> _Candidate, or the reason to reject it (str)."""
+    if sample.error:
+        return sample.error
+    if sample.key in seen:
+        return "duplicate key in this shard"
+    seen.add(sample.key)
+    try:
+        check_key(sample.key)
+    except ValueError as e:
+        return str(e)
+    if "cls" not in sample.fields:
+        return "missing cls"
+    try:
+        label = int(sample.fields["cls"].decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        return f"bad cls {sample.fields['cls'][:20]!r}"
+    if label < 0:
+        return f"negative cls {label}"
+    ext = next((e for e in IMAGE_EXTS if e in sample.fields), None)
+    if ext is None:
+        return f"no jpg/jpeg/png image (fields: {sorted(sample.fields)})"
+    try:
+        image_format, mode, size = probe_image(sample.fields[ext])
+    except Exception as e:  # PIL raises many types for bad headers
+        return f"undecodable {ext}: {e}"
+    plan = plan_resize(*size, resolution)
+    return _Candidate(sample.key, sample.fields[ext], label, image_format, mode, plan)
+
+
+class _Preprocessor:
+    """Candidates -> uint8 ``(res, res, 3)`` tensors on the VAE device, or a reject reason (str) each."""
+
+    def __init__(self, settings, gpu):
+        self.resolution = settings.resolution
+        self.device = torch.device(f"cuda:{gpu}" if settings.device == "cuda" else "cpu")  # where images go
+        self.pool = ThreadPoolExecutor(max(1, settings.workers))
+        self.dali = None
+        self.counts = {"dali": 0, "pil": 0}
+        if settings.decoder == "dali":
+            try:
+                from .dali_preprocess import DaliPreprocessor
+            except ImportError as e:
+                raise ImportError(f"--decoder dali needs NVIDIA DALI (pip install nvidia-dali-cuda130): {e}") from None
+            on_gpu = settings.device == "cuda"
+            self.dali = DaliPreprocessor(settings.resolution, settings.batch_size, num_threads=max(1, settings.workers),
+                                         device="gpu" if on_gpu else "cpu", device_id=gpu if on_gpu else None)
+
+    def _pil(self, cand):
+        try:
+            return torch.from_numpy(pil_preprocess(cand.data, self.resolution))
+        except Exception as e:  # any decoder failure rejects this one sample
+            return f"undecodable {cand.image_format}: {e}"
+
+    def __call__(self, cands):
+        results = [None] * len(cands)
+        on_dali = [i for i, c in enumerate(cands) if self.dali and self.dali.supports(c.image_format, c.mode, c.plan)]
+        if on_dali:
+            try:
+                images = self.dali([cands[i].data for i in on_dali], [cands[i].plan for i in on_dali])
+                for i, image in zip(on_dali, images):
+                    results[i] = image
+                self.counts["dali"] += len(on_dali)
+            except Exception:  # DALI raises several types; one bad image fails the whole batch,
+                pass  # so its samples are redone one by one with PIL below
+        rest = [i for i in range(len(cands)) if results[i] is None]
+        for i, result in zip(rest, self.pool.map(self._pil, [cands[i] for i in rest])):
+            is_image = not isinstance(result, str)
+            results[i] = result.to(self.device) if is_image else result
+            self.counts["pil"] += is_image
+        return results
+
+
+def _batched(iterable, size):
+    batch = []
+    for item in iterable:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class Precompute:
+    """One rank's work: load the VAE once, then :meth:`run`."""
+
+    def __init__(self, settings, rank=0, world_size=1, local_rank=0):
+        if settings.decoder not in ("dali", "pil") or settings.device not in ("cpu", "cuda"):
+            raise ValueError(f"bad decoder/device {settings.decoder!r}/{settings.device!r}")
+        names = [Path(p).name for p in settings.inputs]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"input shards must have distinct file names (they name the outputs): {dupes[:5]}")
+        self.s, self.rank, self.world_size = settings, rank, world_size
+        gpu = local_rank % max(torch.cuda.device_count(), 1)  # srun may show each task only its own GPU
+        self.vae = load_vae(settings.vae, f"cuda:{gpu}" if settings.device == "cuda" else "cpu")
+        self.fingerprint = {
+            "vae": settings.vae, "resolution": settings.resolution,
+            "scaling_factor": float(self.vae.config.scaling_factor),
+            "latent_shape": list(latent_shape(self.vae, settings.resolution)), "flip": True,
+        }
+        self.pre = _Preprocessor(settings, gpu)
+
+    def _paths(self, src):
+        dst = self.s.output / (Path(src).stem + ".tar")
+        return dst, dst.with_name(dst.name + ".json")
+
+    def _finished(self, src):
+        """The sidecar of a completed output shard for ``src``, or None if it must be (re)done."""
+        dst, side = self._paths(src)
+        try:
+            part = json.loads(side.read_text())
+        except FileNotFoundError:
+            return None
+        if part["settings"] != self.fingerprint:
+            raise ValueError(f"{side} was written with {part['settings']}, not {self.fingerprint}: "
+                             f"use another --output")
+        if part["source"] != str(Path(src).resolve()):
+            raise ValueError(f"{side} belongs to input {part['source']}, not {Path(src).resolve()}")
+        if not dst.is_file() or dst.stat().st_size != part["bytes"]:
+            return None
+        return part
+
+    def _process(self, src, bar):
+        dst, side = self._paths(src)
+        side.unlink(missing_ok=True)  # a stale sidecar must not count as done while we redo the shard
+        reader = ImageShardReader(src)
+        read, rejects, labels, seen = 0, [], [], set()
+        with ShardWriter(dst) as writer:
+            for batch in _batched(reader, self.s.batch_size):
+                read += len(batch)
+                prepared = [_prepare(sample, self.s.resolution, seen) for sample in batch]
+                cands = [p for p in prepared if not isinstance(p, str)]
+                images = self.pre(cands)
+                good = [(c, img) for c, img in zip(cands, images) if not isinstance(img, str)]
+                outcome = {c.key: img for c, img in zip(cands, images) if isinstance(img, str)}  # key -> reason
+                if good:
+                    latents = encode_with_flip(self.vae, torch.stack([img for _, img in good]))
+                    outcome.update({c.key: lat.numpy() for (c, _), lat in zip(good, latents)})
+                for sample, p in zip(batch, prepared):
+                    result = p if isinstance(p, str) else outcome[p.key]
+                    if isinstance(result, str):
+                        rejects.append({"shard": str(src), "key": sample.key, "reason": result})
+                    else:
+                        writer.write(p.key, result, p.label)
+                        labels.append(p.label)
+                bar.update(len(batch))
+            info = writer.close()
+        assert info["num_samples"] + len(rejects) == read
+        part = {**info, "source": str(Path(src).resolve()), "read": read, "rejected": len(rejects),
+                "rejects": rejects, "tar_error": reader.error, "max_label": max(labels, default=-1),
+                "settings": self.fingerprint}
+        write_json_atomic(side, part)
+        if reader.error:
+            tqdm.write(f"warning: {src}: {reader.error}", file=sys.stderr)
+        return part
+
+    def run(self):
+        """Process this rank's shards; write the manifest if all shards are done. Returns totals."""
+        self.s.output.mkdir(parents=True, exist_ok=True)
+        mine = self.s.inputs[self.rank::self.world_size]
+        totals = {"shards": len(mine), "skipped": 0, "read": 0, "written": 0, "rejected": 0}
+        start = time.perf_counter()
+        with tqdm(unit="img", desc=f"rank {self.rank}/{self.world_size}", mininterval=2) as bar:
+            for src in mine:
+                bar.set_postfix_str(Path(src).name)
+                part = self._finished(src)
+                if part is not None:
+                    totals["skipped"] += 1
+                    continue
+                part = self._process(src, bar)
+                totals["read"] += part["read"]
+                totals["written"] += part["num_samples"]
+                totals["rejected"] += part["rejected"]
+        totals["seconds"] = time.perf_counter() - start
+        totals["decoded_by"] = dict(self.pre.counts)
+        totals["manifest"] = self.finalize()
+        return totals
+
+    def finalize(self):
+        """Write rejects + manifest if every input shard has a sidecar; return the manifest or None."""
+        parts = [self._finished(src) for src in self.s.inputs]
+        if None in parts:
+            return None
+        with open(self.s.output / f"{REJECTS}.tmp{os.getpid()}", "w") as f:
+            for part in parts:
+                for reject in part["rejects"]:
+                    f.write(json.dumps(reject) + "\n")
+        os.replace(f.name, self.s.output / REJECTS)
+        keep = ("name", "num_samples", "bytes", "sha256", "source", "read", "rejected", "tar_error")
+        counts = {"read": sum(p["read"] for p in parts), "written": sum(p["num_samples"] for p in parts),
+                  "rejected": sum(p["rejected"] for p in parts)}
+        fp = self.fingerprint
+        manifest = make_manifest(
+            [{k: p[k] for k in keep} for p in parts], latent_shape=fp["latent_shape"], flip=True,
+            num_classes=max(p["max_label"] for p in parts) + 1, vae=fp["vae"], scaling_factor=fp["scaling_factor"],
+            resolution=fp["resolution"], counts=counts, rejects=REJECTS,
+            source_shards=[p["source"] for p in parts],
+        )
+        write_json_atomic(self.s.output / MANIFEST, manifest)
+        return manifest
