@@ -31,7 +31,7 @@ def _build_presets() -> dict[str, DiTConfig]:
     )
     presets["tiny-ec"] = presets["tiny"].replace(routing="expert_choice", capacity_factor=2.0)
     presets["demo"] = DiTConfig(
-        input_size=8, patch_size=2, in_channels=1, hidden_size=128, depth=4, num_heads=4,
+        input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=4, num_heads=4,
         num_classes=10, num_experts=4, top_k=2,
     )
     return presets

@@ -57,7 +57,7 @@ def main(argv=None):
 
     try:
         record = train(config)
-        if config.data == "digits" and config.eval_samples > 0:
+        if config.data == "digits" and config.eval_samples > 0 and not record["preempted"]:
             record = {**record, **final_eval(config)}
     except (ValueError, FileNotFoundError) as err:  # bad input: the message names the file/key/option
         sys.exit(f"error: {err}")

@@ -17,6 +17,7 @@ class TrainConfig:
     steps: int = 1000
     global_batch_size: int = 256
     micro_batch_size: int = 0  # 0: global_batch_size / world_size (no accumulation)
+    data_workers: int = 0  # loader worker processes per rank
     seed: int = 0
     lr: float = 1e-4
     lr_warmup_steps: int = 0
@@ -27,6 +28,7 @@ class TrainConfig:
     ema_decay: float = 0.9999
     precision: str = "fp32"  # "fp32" or "bf16"
     zero_stage: int = 1  # used unless the DeepSpeed config file sets one
+    activation_checkpointing: int = 0  # recompute every n-th block in backward (0: off, 1: every block)
     deepspeed_config: str | None = None
     resume: str | None = None  # None, "auto", or a checkpoint directory
     log_every: int = 10
@@ -48,8 +50,9 @@ class TrainConfig:
 TRAIN_PRESETS = {
     # The embedded default: class-conditional digits on a laptop CPU in a few minutes.
     "demo": TrainConfig(
-        preset="demo", data="digits", out="runs/demo", steps=2500, global_batch_size=128, lr=1e-3,
-        lr_warmup_steps=100, ema_decay=0.999, log_every=50, ckpt_every=500, eval_cfg_scale=1.5,
+        preset="demo", data="digits", out="runs/demo", steps=2000, global_batch_size=128, lr=1e-3,
+        lr_warmup_steps=100, ema_decay=0.999, log_every=50, ckpt_every=500,
+        eval_sampler="ddpm", eval_steps=250, eval_cfg_scale=1.5,
     ),
 }
 

@@ -9,12 +9,14 @@ import torch
 from ..diffusion import build_objective
 from ..model import DiT
 from ..parallel import engine as ds_engine
+from ..parallel.activation_checkpointing import apply_activation_checkpointing
 from ..parallel.distributed import all_reduce_mean, all_reduce_sum, init_distributed
 from . import checkpoint
 from .config import TrainConfig
 from .data import build_loader
 from .ema import EMA
 from .metrics import MetricsWriter, expert_load_stats
+from .preemption import PreemptionGuard
 
 
 def micro_batch_seed(seed: int, step: int, micro_index: int) -> int:
@@ -67,7 +69,7 @@ def train(config: TrainConfig) -> dict:
         zero_stage=config.zero_stage, precision=config.precision, grad_clip=config.grad_clip,
     )
     accumulation = ds_config["gradient_accumulation_steps"]
-    loader = build_loader(config, model_config)
+    loader = build_loader(config, model_config, rank, world)
     resume_dir = find_resume(config, ckpt_root)
     if resume_dir is not None:
         check_resume_compatible(checkpoint.read_meta(resume_dir), config, resume_dir)
@@ -75,6 +77,7 @@ def train(config: TrainConfig) -> dict:
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = DiT(model_config).to(device)
     ema = EMA(model, config.ema_decay)
+    apply_activation_checkpointing(model, config.activation_checkpointing)
     objective = build_objective(config.objective)
     optimizer = ds_engine.build_optimizer(model, config.lr, config.weight_decay, (config.adam_beta1, config.adam_beta2))
     engine, optimizer = ds_engine.initialize(model, optimizer, ds_config)
@@ -96,16 +99,19 @@ def train(config: TrainConfig) -> dict:
     writer = MetricsWriter(out, config.tensorboard) if rank == 0 else None
     record = {}
     window_start, window_samples = time.perf_counter(), 0
+    guard = PreemptionGuard()
+    batches = iter(loader)
     while step < config.steps:
-        x_all, y_all = loader.next_global_batch()
+        x_local, y_local = next(batches)  # entries rank, rank + W, ... of the global batch
         sums = torch.zeros(4)
         loads = torch.zeros(len(moe_layers), model_config.num_experts)
         grad_norm = None
         set_lr(optimizer, config, step)
         for a in range(accumulation):
-            j = a * world + rank
-            x, y = x_all[j * micro:(j + 1) * micro].to(device), y_all[j * micro:(j + 1) * micro].to(device)
-            torch.manual_seed(micro_batch_seed(config.seed, step, j))
+            # micro-batch j = rank + a·W of the global batch g is g[j::G/m], i.e. x_local[a::accumulation]:
+            # the same samples whatever the world size
+            x, y = x_local[a::accumulation].to(device), y_local[a::accumulation].to(device)
+            torch.manual_seed(micro_batch_seed(config.seed, step, rank + a * world))
             losses = objective.training_losses(forward, x, y)
             balance = engine.module.balance_loss().float()
             loss = losses["loss"].mean() + balance
@@ -116,8 +122,8 @@ def train(config: TrainConfig) -> dict:
             sums += torch.stack([loss, losses["mse"].mean(), losses["vb"].mean(), balance]).detach().cpu()
             for i, layer in enumerate(moe_layers):
                 loads[i] += layer.tokens_per_expert.float().cpu()
+        ema.update(engine.module, step)
         step += 1
-        ema.update(engine.module)
         window_samples += config.global_batch_size
         if grad_norm is None:
             grad_norm = float(engine.get_global_grad_norm())
@@ -139,15 +145,20 @@ def train(config: TrainConfig) -> dict:
                       f"grad_norm {grad_norm:.3f} {record['samples_per_s']:.1f} samples/s", flush=True)
             window_start, window_samples = time.perf_counter(), 0
 
-        if step % config.ckpt_every == 0 or step == config.steps:
+        preempted = guard.should_stop()
+        if step % config.ckpt_every == 0 or step == config.steps or preempted:
             meta = {
                 "model_config": model_config.to_dict(), "train_config": config.to_dict(),
                 "data": loader.state_dict(), "rng": torch.get_rng_state().tolist(), "world_size": world,
             }
             checkpoint.save(engine, ckpt_root, step, ema_state=ema.state_dict(), meta=meta, rank=rank)
+        if preempted:
+            if rank == 0:
+                print(f"preempted: saved checkpoint at step {step}; rerun with --resume auto to continue", flush=True)
+            break
     if writer is not None:
         writer.close()
-    return record
+    return {**record, "preempted": step < config.steps}
 
 
 def set_lr(optimizer, config: TrainConfig, step: int):
