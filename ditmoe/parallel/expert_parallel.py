@@ -1,0 +1,168 @@
+"""Expert parallelism through DeepSpeed AutoEP: config, checks, DiT-MoE balance loss, names back to ours.
+
+AutoEP replaces each ``blocks.{i}.mlp`` MoE module with ``AutoEPMoELayer``: router ``router.gate``
+(our ``gate``), local experts ``experts.w1/w3/w2`` (gate rows / up rows of our ``gate_up_proj``, and
+``down_proj``) holding experts ``[ep_rank·E/ep, (ep_rank+1)·E/ep)``, our ``shared_experts`` reused.
+"""
+
+import re
+
+import torch
+import torch.distributed as dist
+
+from ditmoe.model.config import DiTConfig
+from ditmoe.model.routing import balance_loss
+
+MOE_LAYER_PATTERN = r"blocks\.\d+\.mlp"
+
+
+def autoep_config(ep_size: int, model_config: DiTConfig, *, grouped_mm: bool | None = None) -> dict:
+    """The ``expert_parallel`` section of a DeepSpeed config (disabled for ``ep_size == 1``).
+
+    A custom preset (no ``preset_model``, no ``model_type``): no Transformers version check applies.
+    ``grouped_mm`` (default: CUDA available) selects ``torch._grouped_mm`` over the per-expert loop.
+    """
+    if ep_size == 1:
+        return {"enabled": False}
+    return {
+        "enabled": True,
+        "autoep_size": ep_size,
+        "moe_layer_pattern": MOE_LAYER_PATTERN,
+        "router_pattern": "gate",
+        "expert_pattern": "experts",
+        "expert_w1": "gate_up_proj",
+        "expert_w2": "down_proj",
+        "expert_w3": None,  # gate and up fused, gate rows first
+        "num_experts_attr": "num_experts",
+        "top_k_attr": "top_k",
+        "score_func": "softmax",
+        "score_apply": "post",
+        "route_norm": bool(model_config.norm_topk_prob),
+        "has_shared_experts": model_config.shared_hidden > 0,
+        "shared_experts_pattern": "shared_experts",
+        "expert_activation": "swiglu",
+        "use_grouped_mm": torch.cuda.is_available() if grouped_mm is None else grouped_mm,
+    }
+
+
+def validate_ep(ep_size: int, num_experts: int, world_size: int, routing: str, zero_stage: int) -> None:
+    """Raise a ValueError for an expert-parallel layout DeepSpeed AutoEP (or ditmoe) cannot run."""
+    if ep_size < 1:
+        raise ValueError(f"ep_size={ep_size} must be >= 1")
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage={zero_stage} must be 0, 1, 2 or 3")
+    if ep_size == 1:
+        return
+    if num_experts == 0:
+        raise ValueError(f"ep_size={ep_size} needs a mixture-of-experts model, but num_experts=0 (dense)")
+    if routing == "expert_choice":
+        raise ValueError(f"expert parallelism (ep_size={ep_size}) with expert_choice routing is not supported yet; "
+                         "use ep_size=1 (ZeRO-1/2/3 without EP) or token_choice routing")
+    if num_experts % ep_size:
+        divisors = [d for d in range(1, num_experts + 1) if num_experts % d == 0]
+        raise ValueError(f"ep_size={ep_size} does not divide num_experts={num_experts}; choose one of {divisors}")
+    if world_size % ep_size:
+        raise ValueError(f"ep_size={ep_size} does not divide the world size {world_size}")
+
+
+def moe_param_groups(model: torch.nn.Module, ep_size: int) -> list[dict]:
+    """Optimizer param groups for a client optimizer built before ``deepspeed.initialize``.
+
+    With EP, ZeRO-1/2 need the expert weights in a group marked ``moe`` and named after their EP
+    group; AutoEP puts each replacement expert weight into the group of the weight it came from.
+    """
+    experts = [p for name, m in model.named_modules() if re.fullmatch(MOE_LAYER_PATTERN, name)
+               and hasattr(m, "experts") for p in m.experts.parameters()]
+    if ep_size == 1 or not experts:
+        return [{"params": list(model.parameters()), "name": "params"}]
+    ids = {id(p) for p in experts}
+    return [
+        {"params": [p for p in model.parameters() if id(p) not in ids], "name": "params"},
+        {"params": experts, "name": f"ep_size_{ep_size}", "moe": True},
+    ]
+
+
+def _autoep_layers(module: torch.nn.Module):
+    from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
+
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, AutoEPMoELayer)]
+
+
+def attach_balance_loss(model: torch.nn.Module, alpha: float | None = None) -> int:
+    """After ``deepspeed.initialize``: give every AutoEP layer DiT-MoE's balance loss and expert counts.
+
+    Each forward sets ``layer.aux_loss`` (α·Σ f_i·P_i over this rank's micro-batch tokens, with grad
+    into ``router.gate.weight``; 0 in eval mode, like ``MoEFeedForward``) and ``layer.expert_counts``
+    ((E,) int64, the assignments AutoEP dispatched). Returns the number of layers hooked.
+    """
+    alpha = model.config.balance_loss_alpha if alpha is None else alpha
+    layers = _autoep_layers(model)
+    for _, layer in layers:
+        _hook(layer, alpha)
+    return len(layers)
+
+
+def _hook(layer, alpha: float) -> None:
+    layer.aux_loss, layer.expert_counts = None, None
+    logits = {}
+
+    def on_gate(_, __, out):
+        logits["last"] = out  # (T, E)
+
+    def on_router(_, __, out):
+        _, selected, _ = out  # (T, k) chosen experts
+        probs = logits.pop("last").float().softmax(dim=-1)
+        counts = torch.bincount(selected.reshape(-1), minlength=layer.num_experts)
+        layer.expert_counts = counts
+        if layer.training and alpha > 0:
+            layer.aux_loss = balance_loss(probs, selected, layer.top_k, alpha)
+        else:
+            layer.aux_loss = probs.new_zeros(())
+
+    layer.router.gate.register_forward_hook(on_gate)
+    layer.router.register_forward_hook(on_router)
+
+
+def _full(param: torch.Tensor) -> torch.Tensor:
+    """A detached full copy of a parameter (gathered from its ZeRO-3 partitions where partitioned)."""
+    if not hasattr(param, "ds_id"):
+        return param.detach().clone()
+    from deepspeed.runtime.zero import GatheredParameters
+
+    with GatheredParameters([param], modifier_rank=None):
+        return param.detach().clone()
+
+
+def _all_experts(local: torch.Tensor, layer) -> torch.Tensor:
+    """Concatenate the per-rank expert shards (E/ep, ...) over the EP group into (E, ...)."""
+    if layer.ep_size == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(layer.ep_size)]
+    dist.all_gather(parts, local.contiguous(), group=layer.ep_group)
+    return torch.cat(parts)
+
+
+def gather_full_state_dict(engine) -> dict:
+    """The model's full state dict in ditmoe's own names and shapes, on rank 0 ({} on other ranks).
+
+    Works for ZeRO-0/1/2/3 with or without AutoEP; a collective: every rank must call it.
+    """
+    module = engine.module
+    params = dict(module.named_parameters())
+    layers = dict(_autoep_layers(module))
+    out = {}
+    for name, value in module.state_dict().items():
+        if name not in params:
+            out[name] = value.detach().clone()  # buffers
+            continue
+        full = _full(params[name])
+        prefix, _, leaf = name.rpartition(".experts.")
+        if prefix in layers and leaf in ("w1", "w2", "w3"):
+            full = _all_experts(full, layers[prefix])
+        out[name] = full
+    for prefix in layers:
+        out[f"{prefix}.gate.weight"] = out.pop(f"{prefix}.router.gate.weight")
+        gate, up, down = (out.pop(f"{prefix}.experts.{w}") for w in ("w1", "w3", "w2"))
+        out[f"{prefix}.experts.gate_up_proj"] = torch.cat([gate, up], dim=1)  # (E, 2F, D)
+        out[f"{prefix}.experts.down_proj"] = down  # (E, D, F)
+    return out if dist.get_rank() == 0 else {}

@@ -1,0 +1,120 @@
+"""Train the ``tiny`` model a few steps with DeepSpeed (ZeRO stage S, EP size E) under torchrun, or in
+one process without DeepSpeed (the reference): same global batches, same micro-batches.
+
+torchrun ... ep_worker.py OUT ZERO:EP [ZERO:EP ...] writes OUT/zZERO_epEP.pt on rank 0:
+per-step loss and balance loss, and the gathered parameters in ditmoe's names.
+"""
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from ditmoe.model import DiT, get_preset
+
+STEPS, GLOBAL_BATCH, MICRO_BATCH, LR = 5, 8, 2, 3e-3
+
+
+def batch(step: int):
+    """The global batch of a step: (x, t, y, target)."""
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(GLOBAL_BATCH, 4, 8, 8, generator=g)
+    t = torch.randint(0, 1000, (GLOBAL_BATCH,), generator=g)
+    y = torch.randint(0, 10, (GLOBAL_BATCH,), generator=g)
+    return x, t, y, torch.randn(GLOBAL_BATCH, 8, 8, 8, generator=g)
+
+
+def build(ep: int = 1):
+    from ditmoe.parallel.expert_parallel import moe_param_groups
+
+    torch.manual_seed(0)
+    model = DiT(get_preset("tiny"))
+    return model, torch.optim.AdamW(moe_param_groups(model, ep), lr=LR, weight_decay=0.01)
+
+
+def balance(model) -> torch.Tensor:
+    """Sum of the MoE layers' balance losses (ours or AutoEP's, selected by block position)."""
+    return sum(b.mlp.aux_loss for i, b in enumerate(model.blocks) if model.config.moe_in_block(i))
+
+
+def micro_loss(forward, model, micro, seed: int):
+    """MSE to the target plus the balance loss; ``seed`` fixes the label dropout of this micro-batch."""
+    x, t, y, target = micro
+    torch.manual_seed(seed)
+    out = forward(x, t, y)
+    bal = balance(model)
+    return F.mse_loss(out, target) + bal, bal
+
+
+def reference() -> dict:
+    """One process, plain PyTorch: accumulate the mean over all micro-batches of the global batch."""
+    model, opt = build()
+    model.train()
+    n = GLOBAL_BATCH // MICRO_BATCH
+    losses, bals = [], []
+    for step in range(STEPS):
+        opt.zero_grad()
+        data = batch(step)
+        total, total_bal = 0.0, 0.0
+        for i in range(n):
+            micro = [d[i * MICRO_BATCH:(i + 1) * MICRO_BATCH] for d in data]
+            loss, bal = micro_loss(model, model, micro, 100 * step + i)
+            (loss / n).backward()
+            total, total_bal = total + loss.item() / n, total_bal + bal.item() / n
+        opt.step()
+        losses.append(total)
+        bals.append(total_bal)
+    return {"loss": losses, "balance": bals, "params": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+
+
+def distributed(zero: int, ep: int) -> dict:
+    import deepspeed
+    import torch.distributed as dist
+
+    from ditmoe.parallel.expert_parallel import attach_balance_loss, autoep_config, gather_full_state_dict
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model, opt = build(ep)
+    gas = GLOBAL_BATCH // (MICRO_BATCH * world)
+    config = {
+        "train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": MICRO_BATCH,
+        "gradient_accumulation_steps": gas, "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": zero}, "steps_per_print": 10**9,
+        "expert_parallel": autoep_config(ep, model.config),
+    }
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+    attach_balance_loss(engine.module)
+    engine.train()
+    per_rank = GLOBAL_BATCH // world
+    losses, bals = [], []
+    for step in range(STEPS):
+        data = [d[rank * per_rank:(rank + 1) * per_rank] for d in batch(step)]
+        sums = torch.zeros(2)
+        for i in range(gas):
+            micro = [d[i * MICRO_BATCH:(i + 1) * MICRO_BATCH] for d in data]
+            loss, bal = micro_loss(engine, engine.module, micro, 100 * step + rank * gas + i)
+            engine.backward(loss)
+            engine.step()
+            sums += torch.stack([loss.detach(), bal.detach()]) / gas
+        dist.all_reduce(sums)
+        losses.append(sums[0].item() / world)
+        bals.append(sums[1].item() / world)
+    params = gather_full_state_dict(engine)
+    engine.destroy()
+    return {"loss": losses, "balance": bals, "params": params}
+
+
+def main(out: str, runs: list[str]):
+    import deepspeed
+    import torch.distributed as dist
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    for run in runs:
+        zero, ep = map(int, run.split(":"))
+        result = distributed(zero, ep)
+        if dist.get_rank() == 0:
+            torch.save(result, f"{out}/z{zero}_ep{ep}.pt")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
