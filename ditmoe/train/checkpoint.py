@@ -10,8 +10,14 @@ from pathlib import Path
 
 import torch
 
+from .ema import merge_zero3_shards
+
 META = "meta.json"
 EMA_FILE = "ema.pt"
+
+
+def ema_shard_file(rank: int) -> str:
+    return f"ema_zero3_rank{rank:05d}.pt"
 
 
 def tag_for_step(step: int) -> str:
@@ -49,27 +55,39 @@ def read_meta(tag_dir: Path) -> dict:
     return json.loads(file.read_text())
 
 
-def save(engine, ckpt_root: Path, step: int, *, ema_state: dict, meta: dict, rank: int):
+def save(engine, ckpt_root: Path, step: int, *, ema_state: dict, ema_shards: int, meta: dict, rank: int):
+    """``ema_shards``: 0 if ``ema_state`` is whole (rank 0 writes it), else the number of ZeRO-3 ranks."""
     tag = tag_for_step(step)
     tag_dir = ckpt_root / tag
-    if rank == 0:
-        tag_dir.mkdir(parents=True, exist_ok=True)
+    tag_dir.mkdir(parents=True, exist_ok=True)
+    if ema_shards:
+        torch.save(ema_state, tag_dir / ema_shard_file(rank))
+    elif rank == 0:
         torch.save(ema_state, tag_dir / EMA_FILE)
-        (tag_dir / META).write_text(json.dumps({**meta, "step": step, "tag": tag}, indent=2))
+    if rank == 0:
+        (tag_dir / META).write_text(json.dumps({**meta, "step": step, "tag": tag, "ema_shards": ema_shards}, indent=2))
     engine.save_checkpoint(str(ckpt_root), tag=tag)  # collective; writes 'latest' last
 
 
-def load(engine, tag_dir: Path) -> tuple[dict, dict]:
-    """Restore the engine (module, optimizer, scheduler) from ``tag_dir``; returns (meta, ema_state)."""
+def load(engine, tag_dir: Path, rank: int) -> tuple[dict, dict]:
+    """Restore the engine (module, optimizer, scheduler) from ``tag_dir``; returns (meta, this rank's EMA)."""
     meta = read_meta(tag_dir)
-    ema_file = tag_dir / EMA_FILE
+    ema_file = tag_dir / (ema_shard_file(rank) if meta.get("ema_shards") else EMA_FILE)
     if not ema_file.is_file():
-        raise FileNotFoundError(f"checkpoint {tag_dir}: missing {EMA_FILE}")
+        raise FileNotFoundError(f"checkpoint {tag_dir}: missing {ema_file.name}")
     load_path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     if load_path is None:
         raise FileNotFoundError(f"checkpoint {tag_dir}: DeepSpeed found no engine state to load")
     return meta, torch.load(ema_file, map_location="cpu")
 
 
-def load_ema_model_state(tag_dir: Path) -> dict:
-    return torch.load(tag_dir / EMA_FILE, map_location="cpu")
+def load_ema_model_state(tag_dir: Path, shapes: dict[str, torch.Size]) -> dict:
+    """Full EMA weights; ZeRO-3 runs saved one shard per rank, merged here."""
+    num_shards = read_meta(tag_dir).get("ema_shards", 0)
+    if not num_shards:
+        return torch.load(tag_dir / EMA_FILE, map_location="cpu")
+    files = [tag_dir / ema_shard_file(r) for r in range(num_shards)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint {tag_dir}: missing EMA shard(s) {missing}")
+    return merge_zero3_shards([torch.load(f, map_location="cpu") for f in files], shapes)

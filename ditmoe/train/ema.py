@@ -1,5 +1,9 @@
 """Exponential moving average of model weights, kept in fp32.
 
+Under ZeRO-3 every rank averages only its own partition of each parameter (``ds_tensor``), so the
+EMA costs no communication and 1/W of the memory; checkpoints then hold one EMA shard per rank and
+:func:`merge_zero3_shards` reassembles the full weights.
+
 The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates, so that in short runs the
 average is not dominated by the untrained initial weights (with 0.999 and no warm-up, 13% of the
 average after 2000 steps would still be the zero-initialised start). It only depends on the step,
@@ -10,12 +14,23 @@ import torch
 from torch import nn
 
 
+def local_tensor(p: torch.Tensor) -> torch.Tensor:
+    """The part of a parameter this rank holds: its ZeRO-3 partition, or the whole tensor."""
+    return p.ds_tensor if hasattr(p, "ds_tensor") else p
+
+
+def is_partitioned(model: nn.Module) -> bool:
+    return any(hasattr(p, "ds_tensor") for p in model.parameters())
+
+
 class EMA:
     def __init__(self, model: nn.Module, decay: float):
+        """Build from the model as DeepSpeed holds it (after ``deepspeed.initialize``)."""
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"ema_decay={decay} must be in [0, 1)")
         self.decay = decay
-        self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters()}
+        self.partitioned = is_partitioned(model)
+        self.shadow = {name: local_tensor(p).detach().float().clone() for name, p in model.named_parameters()}
 
     def decay_at(self, num_updates: int) -> float:
         return min(self.decay, (1 + num_updates) / (10 + num_updates))
@@ -25,7 +40,7 @@ class EMA:
         """Fold in the weights after ``num_updates`` previous updates (the training step, 0-based)."""
         weight = 1.0 - self.decay_at(num_updates)
         for name, p in model.named_parameters():
-            self.shadow[name].lerp_(p.detach().float(), weight)
+            self.shadow[name].lerp_(local_tensor(p).detach().float(), weight)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.shadow)
@@ -35,4 +50,15 @@ class EMA:
         if missing:
             raise KeyError(f"EMA state lacks parameter(s): {missing[:5]}")
         for name, value in state.items():
+            if value.shape != self.shadow[name].shape:
+                raise ValueError(f"EMA state {name}: shape {tuple(value.shape)} != {tuple(self.shadow[name].shape)}")
             self.shadow[name].copy_(value)
+
+
+def merge_zero3_shards(shards: list[dict[str, torch.Tensor]], shapes: dict[str, torch.Size]) -> dict:
+    """Rank-ordered ZeRO-3 partitions (each ceil(numel / W) long, zero-padded) -> full tensors."""
+    merged = {}
+    for name, shape in shapes.items():
+        flat = torch.cat([shard[name] for shard in shards])
+        merged[name] = flat[: shape.numel()].view(shape).clone()
+    return merged

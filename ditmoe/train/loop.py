@@ -76,17 +76,17 @@ def train(config: TrainConfig) -> dict:
 
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = DiT(model_config).to(device)
-    ema = EMA(model, config.ema_decay)
     apply_activation_checkpointing(model, config.activation_checkpointing)
     objective = build_objective(config.objective)
     optimizer = ds_engine.build_optimizer(model, config.lr, config.weight_decay, (config.adam_beta1, config.adam_beta2))
     engine, optimizer = ds_engine.initialize(model, optimizer, ds_config)
+    ema = EMA(engine.module, config.ema_decay)
     dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
     forward = model_fn(engine, dtype)
 
     step = 0
     if resume_dir is not None:
-        meta, ema_state = checkpoint.load(engine, resume_dir)
+        meta, ema_state = checkpoint.load(engine, resume_dir, rank)
         ema.load_state_dict(ema_state)
         loader.load_state_dict(meta["data"])
         torch.set_rng_state(torch.tensor(meta["rng"], dtype=torch.uint8))
@@ -151,7 +151,8 @@ def train(config: TrainConfig) -> dict:
                 "model_config": model_config.to_dict(), "train_config": config.to_dict(),
                 "data": loader.state_dict(), "rng": torch.get_rng_state().tolist(), "world_size": world,
             }
-            checkpoint.save(engine, ckpt_root, step, ema_state=ema.state_dict(), meta=meta, rank=rank)
+            checkpoint.save(engine, ckpt_root, step, ema_state=ema.state_dict(),
+                            ema_shards=world if ema.partitioned else 0, meta=meta, rank=rank)
         if preempted:
             if rank == 0:
                 print(f"preempted: saved checkpoint at step {step}; rerun with --resume auto to continue", flush=True)
