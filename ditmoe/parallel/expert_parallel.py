@@ -45,8 +45,12 @@ def autoep_config(ep_size: int, model_config: DiTConfig, *, grouped_mm: bool | N
     }
 
 
-def validate_ep(ep_size: int, num_experts: int, world_size: int, routing: str, zero_stage: int) -> None:
-    """Raise a ValueError for an expert-parallel layout DeepSpeed AutoEP (or ditmoe) cannot run."""
+def validate_ep(ep_size: int, num_experts: int, world_size: int, routing: str, zero_stage: int,
+                zero_config: dict | None = None) -> None:
+    """Raise a ValueError for an expert-parallel layout DeepSpeed AutoEP (or ditmoe) cannot run.
+
+    ``zero_config`` (the ``zero_optimization`` section) is checked for what AutoEP refuses at stage 3.
+    """
     if ep_size < 1:
         raise ValueError(f"ep_size={ep_size} must be >= 1")
     if zero_stage not in (0, 1, 2, 3):
@@ -63,6 +67,11 @@ def validate_ep(ep_size: int, num_experts: int, world_size: int, routing: str, z
         raise ValueError(f"ep_size={ep_size} does not divide num_experts={num_experts}; choose one of {divisors}")
     if world_size % ep_size:
         raise ValueError(f"ep_size={ep_size} does not divide the world size {world_size}")
+    zero_config = zero_config or {}
+    if zero_stage == 3 and zero_config.get("zero_quantized_gradients"):
+        raise ValueError("DeepSpeed AutoEP with ZeRO-3 does not support zero_quantized_gradients")
+    if zero_stage == 3 and zero_config.get("zero_hpz_partition_size", 1) > 1:
+        raise ValueError("DeepSpeed AutoEP with ZeRO-3 does not support hpZ (zero_hpz_partition_size > 1)")
 
 
 def moe_param_groups(model: torch.nn.Module, ep_size: int) -> list[dict]:

@@ -37,6 +37,12 @@ def balance(model) -> torch.Tensor:
     return sum(b.mlp.aux_loss for i, b in enumerate(model.blocks) if model.config.moe_in_block(i))
 
 
+def counts(model) -> torch.Tensor:
+    """(MoE layers, E) int64 expert assignments of the last forward."""
+    layers = [b.mlp for i, b in enumerate(model.blocks) if model.config.moe_in_block(i)]
+    return torch.stack([m.expert_counts if hasattr(m, "expert_counts") else m.tokens_per_expert for m in layers])
+
+
 def micro_loss(forward, model, micro, seed: int):
     """MSE to the target plus the balance loss; ``seed`` fixes the label dropout of this micro-batch."""
     x, t, y, target = micro
@@ -51,20 +57,24 @@ def reference() -> dict:
     model, opt = build()
     model.train()
     n = GLOBAL_BATCH // MICRO_BATCH
-    losses, bals = [], []
+    losses, bals, loads = [], [], []
     for step in range(STEPS):
         opt.zero_grad()
+        load = 0
         data = batch(step)
         total, total_bal = 0.0, 0.0
         for i in range(n):
             micro = [d[i * MICRO_BATCH:(i + 1) * MICRO_BATCH] for d in data]
             loss, bal = micro_loss(model, model, micro, 100 * step + i)
             (loss / n).backward()
+            load = load + counts(model)
             total, total_bal = total + loss.item() / n, total_bal + bal.item() / n
         opt.step()
         losses.append(total)
         bals.append(total_bal)
-    return {"loss": losses, "balance": bals, "params": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+        loads.append(load)
+    params = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {"loss": losses, "balance": bals, "loads": loads, "params": params}
 
 
 def distributed(zero: int, ep: int) -> dict:
@@ -83,11 +93,12 @@ def distributed(zero: int, ep: int) -> dict:
         "expert_parallel": autoep_config(ep, model.config),
     }
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
-    attach_balance_loss(engine.module)
+    hooked = attach_balance_loss(engine.module)
     engine.train()
     per_rank = GLOBAL_BATCH // world
-    losses, bals = [], []
+    losses, bals, loads = [], [], []
     for step in range(STEPS):
+        load = 0
         data = [d[rank * per_rank:(rank + 1) * per_rank] for d in batch(step)]
         sums = torch.zeros(2)
         for i in range(gas):
@@ -96,12 +107,15 @@ def distributed(zero: int, ep: int) -> dict:
             engine.backward(loss)
             engine.step()
             sums += torch.stack([loss.detach(), bal.detach()]) / gas
+            load = load + counts(engine.module)
         dist.all_reduce(sums)
+        dist.all_reduce(load)
+        loads.append(load)
         losses.append(sums[0].item() / world)
         bals.append(sums[1].item() / world)
     params = gather_full_state_dict(engine)
     engine.destroy()
-    return {"loss": losses, "balance": bals, "params": params}
+    return {"loss": losses, "balance": bals, "loads": loads, "autoep_layers": hooked, "params": params}
 
 
 def main(out: str, runs: list[str]):

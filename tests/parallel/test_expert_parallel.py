@@ -1,0 +1,93 @@
+"""Expert parallelism through DeepSpeed AutoEP: real ranks (gloo, torchrun) with ZeRO-1/2/3 and EP 1/2
+equal one process accumulating the same micro-batches (loss, balance loss, expert loads, weights)."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ditmoe.model import DiT, get_preset
+from ditmoe.parallel.expert_parallel import autoep_config, moe_param_groups, validate_ep
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import ep_worker  # noqa: E402
+
+RUNS = {2: ["1:2", "2:1", "2:2", "3:1", "3:2"], 4: ["2:2", "3:2"]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(out: Path, nproc: int) -> Path:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parents[1])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+           "127.0.0.1", "--master_port", str(free_port()), str(HERE / "ep_worker.py"), str(out), *RUNS[nproc]]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return ep_worker.reference()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return {n: launch(tmp_path_factory.mktemp(f"ranks{n}"), n) for n in RUNS}
+
+
+@pytest.mark.parametrize("world,run", [(n, r) for n, runs in RUNS.items() for r in runs])
+def test_equals_single_process(reference, results, world, run):
+    zero, ep = run.split(":")
+    got = torch.load(results[world] / f"z{zero}_ep{ep}.pt", weights_only=False)
+    assert got["autoep_layers"] == (2 if ep != "1" else 0)
+    assert got["loss"] == pytest.approx(reference["loss"], rel=1e-5)
+    assert got["balance"] == pytest.approx(reference["balance"], rel=1e-5)
+    for a, b in zip(got["loads"], reference["loads"]):
+        assert torch.equal(a, b)
+    assert got["params"].keys() == reference["params"].keys()
+    for name, value in reference["params"].items():
+        torch.testing.assert_close(got["params"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_config_detects_our_layers_without_transformers():
+    config = get_preset("tiny")
+    section = autoep_config(2, config)
+    assert section["moe_layer_pattern"] == r"blocks\.\d+\.mlp" and "preset_model" not in section
+    assert section["route_norm"] is False and section["score_apply"] == "post"
+    assert autoep_config(1, config) == {"enabled": False}
+
+
+@pytest.mark.parametrize("args,match", [
+    ((3, 4, 6, "token_choice", 2), "does not divide num_experts"),
+    ((2, 4, 3, "token_choice", 3), "does not divide the world size"),
+    ((2, 4, 4, "expert_choice", 1), "not supported yet"),
+    ((2, 0, 2, "token_choice", 2), "dense"),
+    ((0, 4, 2, "token_choice", 2), ">= 1"),
+])
+def test_bad_layouts(args, match):
+    with pytest.raises(ValueError, match=match):
+        validate_ep(*args)
+
+
+def test_refused_zero3_features():
+    with pytest.raises(ValueError, match="hpZ"):
+        validate_ep(2, 4, 4, "token_choice", 3, {"zero_hpz_partition_size": 2})
+    validate_ep(1, 4, 4, "expert_choice", 3)
+
+
+def test_param_groups():
+    model = DiT(get_preset("tiny"))
+    dense, experts = moe_param_groups(model, 2)
+    assert experts["moe"] and experts["name"] == "ep_size_2" and len(experts["params"]) == 4
+    assert len(dense["params"]) + 4 == len(list(model.parameters()))
+    assert len(moe_param_groups(model, 1)) == 1
