@@ -85,8 +85,9 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def moe_layers(self) -> list[MoEFeedForward]:
-        return [block.mlp for block in self.blocks if isinstance(block.mlp, MoEFeedForward)]
+    def moe_layers(self) -> list[nn.Module]:
+        """The MoE feed-forward of each MoE block: ours, or what replaced it (DeepSpeed AutoEP)."""
+        return [block.mlp for i, block in enumerate(self.blocks) if self.config.moe_in_block(i)]
 
     def balance_loss(self) -> torch.Tensor:
         """Sum over MoE layers of the balance losses of the last forward (0 for a dense model)."""
