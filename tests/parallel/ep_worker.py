@@ -32,14 +32,9 @@ def build(ep: int = 1):
     return model, torch.optim.AdamW(moe_param_groups(model, ep), lr=LR, weight_decay=0.01)
 
 
-def balance(model) -> torch.Tensor:
-    """Sum of the MoE layers' balance losses (ours or AutoEP's, selected by block position)."""
-    return sum(b.mlp.aux_loss for i, b in enumerate(model.blocks) if model.config.moe_in_block(i))
-
-
 def counts(model) -> torch.Tensor:
     """(MoE layers, E) int64 expert assignments of the last forward."""
-    layers = [b.mlp for i, b in enumerate(model.blocks) if model.config.moe_in_block(i)]
+    layers = model.moe_layers()
     return torch.stack([m.expert_counts if hasattr(m, "expert_counts") else m.tokens_per_expert for m in layers])
 
 
@@ -48,7 +43,7 @@ def micro_loss(forward, model, micro, seed: int):
     x, t, y, target = micro
     torch.manual_seed(seed)
     out = forward(x, t, y)
-    bal = balance(model)
+    bal = model.balance_loss()
     return F.mse_loss(out, target) + bal, bal
 
 
