@@ -14,8 +14,7 @@ def load_model(ckpt: str | Path, weights: str = "ema", device: str | torch.devic
     meta = checkpoint.read_meta(tag_dir)
     model = DiT(DiTConfig.from_dict(meta["model_config"]))
     if weights == "ema":
-        shapes = {name: p.shape for name, p in model.named_parameters()}
-        state = checkpoint.load_ema_model_state(tag_dir, shapes)
+        state = checkpoint.load_ema_model_state(tag_dir)
     elif weights == "model":
         state = load_engine_module_state(tag_dir)
     else:

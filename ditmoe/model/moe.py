@@ -75,7 +75,7 @@ class MoEFeedForward(nn.Module):
         self.experts = GroupedExperts(config.num_experts, d, config.expert_hidden)
         self.shared_experts = SwiGLU(d, config.shared_hidden) if config.shared_hidden else None
         self.aux_loss: torch.Tensor | None = None
-        self.tokens_per_expert: torch.Tensor | None = None
+        self.expert_counts: torch.Tensor | None = None
 
     def route(self, x: torch.Tensor) -> Routing:
         """x: (N, T, D) -> assignments over the flattened (N*T) tokens."""
@@ -89,7 +89,7 @@ class MoEFeedForward(nn.Module):
         n, t, d = x.shape
         routing = self.route(x)
         self.aux_loss = routing.aux_loss
-        self.tokens_per_expert = routing.tokens_per_expert.detach()
+        self.expert_counts = routing.tokens_per_expert.detach()
         flat = x.reshape(n * t, d)
         y = dispatch(flat, routing, self.experts)  # (N*T, D)
         if self.shared_experts is not None:

@@ -34,10 +34,20 @@ def deepspeed_config(
     config.setdefault("zero_allow_untested_optimizer", True)
     config.setdefault("steps_per_print", 10**9)
     config.setdefault("wall_clock_breakdown", False)
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision={precision!r} must be 'fp32' or 'bf16'")
-    config["bf16"] = {**config.get("bf16", {}), "enabled": precision == "bf16"}
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision={precision!r} must be 'auto', 'fp32' or 'bf16'")
+    if precision != "auto":  # "auto" keeps what the config file says (fp32 without a file)
+        config["bf16"] = {**config.get("bf16", {}), "enabled": precision == "bf16"}
     return config
+
+
+def uses_bf16(config: dict) -> bool:
+    return bool(config.get("bf16", {}).get("enabled", False))
+
+
+def offloads_optimizer(config: dict) -> bool:
+    device = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device not in (None, "none")
 
 
 def load_config_file(path: str | None) -> dict | None:
@@ -52,10 +62,16 @@ def load_config_file(path: str | None) -> dict | None:
         raise ValueError(f"--deepspeed-config {path}: not valid JSON ({err})") from None
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]):
-    """AdamW; the fused kernel where CUDA is available (no apex needed)."""
+def build_optimizer(params, lr: float, weight_decay: float, betas: tuple[float, float],
+                    cpu_offload: bool = False):
+    """AdamW over ``params`` (tensors or param groups): DeepSpeed's CPU Adam when ZeRO offloads the
+    optimizer, else torch's (fused on CUDA; no apex)."""
+    if cpu_offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=lr, weight_decay=weight_decay, betas=betas, adamw_mode=True)
     return torch.optim.AdamW(
-        model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas, fused=torch.cuda.is_available()
+        params, lr=lr, weight_decay=weight_decay, betas=betas, fused=torch.cuda.is_available()
     )
 
 

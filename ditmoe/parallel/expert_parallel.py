@@ -132,14 +132,17 @@ def _hook(layer, alpha: float) -> None:
     layer.router.register_forward_hook(on_router)
 
 
-def _full(param: torch.Tensor) -> torch.Tensor:
-    """A detached full copy of a parameter (gathered from its ZeRO-3 partitions where partitioned)."""
+def _full(param: torch.Tensor, local: torch.Tensor | None = None) -> torch.Tensor:
+    """A detached full copy of a parameter, or of ``local``, a tensor laid out like this rank's
+    part of it (e.g. its EMA): gathered from the ZeRO-3 partitions where partitioned."""
     if not hasattr(param, "ds_id"):
-        return param.detach().clone()
-    from deepspeed.runtime.zero import GatheredParameters
-
-    with GatheredParameters([param], modifier_rank=None):
-        return param.detach().clone()
+        return (param if local is None else local).detach().clone()
+    if local is None:
+        local = param.ds_tensor
+    group = param.ds_process_group
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local.detach().contiguous(), group=group)
+    return torch.cat(parts)[: param.ds_numel].view(param.ds_shape).clone()
 
 
 def _all_experts(local: torch.Tensor, layer) -> torch.Tensor:
@@ -151,10 +154,12 @@ def _all_experts(local: torch.Tensor, layer) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def gather_full_state_dict(engine) -> dict:
+def gather_full_state_dict(engine, local: dict[str, torch.Tensor] | None = None) -> dict:
     """The model's full state dict in ditmoe's own names and shapes, on rank 0 ({} on other ranks).
 
-    Works for ZeRO-0/1/2/3 with or without AutoEP; a collective: every rank must call it.
+    With ``local`` (parameter name -> tensor laid out like this rank's part of that parameter, e.g.
+    an EMA), those tensors are gathered instead of the weights. Works for ZeRO-0/1/2/3 with or
+    without AutoEP; a collective: every rank must call it.
     """
     module = engine.module
     params = dict(module.named_parameters())
@@ -164,7 +169,7 @@ def gather_full_state_dict(engine) -> dict:
         if name not in params:
             out[name] = value.detach().clone()  # buffers
             continue
-        full = _full(params[name])
+        full = _full(params[name], None if local is None else local[name])
         prefix, _, leaf = name.rpartition(".experts.")
         if prefix in layers and leaf in ("w1", "w2", "w3"):
             full = _all_experts(full, layers[prefix])

@@ -22,8 +22,9 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch-size", type=int, help="per rank; the rest is gradient accumulation")
     p.add_argument("--seed", type=int)
     p.add_argument("--objective", choices=["ddpm", "rectified_flow"])
-    p.add_argument("--precision", choices=["fp32", "bf16"])
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3])
+    p.add_argument("--ep-size", type=int, help="expert-parallel group size (DeepSpeed AutoEP); divides experts and ranks")
     p.add_argument("--resume", help="'auto' (latest checkpoint in OUT, if any) or a checkpoint directory")
     p.add_argument("--deepspeed-config", help="DeepSpeed JSON; batch sizes are filled from the flags")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -37,7 +38,7 @@ def build_config(args):
     flags = {
         "out": args.out, "data": args.data, "steps": args.steps, "global_batch_size": args.global_batch_size,
         "micro_batch_size": args.micro_batch_size, "seed": args.seed, "objective": args.objective,
-        "precision": args.precision, "zero_stage": args.zero_stage, "resume": args.resume,
+        "precision": args.precision, "zero_stage": args.zero_stage, "ep_size": args.ep_size, "resume": args.resume,
         "deepspeed_config": args.deepspeed_config,
     }
     config = dataclasses.replace(config, **{k: v for k, v in flags.items() if v is not None})

@@ -10,14 +10,13 @@ from pathlib import Path
 
 import torch
 
-from .ema import merge_zero3_shards
-
 META = "meta.json"
 EMA_FILE = "ema.pt"
 
 
 def ema_shard_file(rank: int) -> str:
-    return f"ema_zero3_rank{rank:05d}.pt"
+    """This rank's own EMA tensors (ZeRO-3 partitions / its experts), for exact resume."""
+    return f"ema_local_rank{rank:05d}.pt"
 
 
 def tag_for_step(step: int) -> str:
@@ -55,15 +54,18 @@ def read_meta(tag_dir: Path) -> dict:
     return json.loads(file.read_text())
 
 
-def save(engine, ckpt_root: Path, step: int, *, ema_state: dict, ema_shards: int, meta: dict, rank: int):
-    """``ema_shards``: 0 if ``ema_state`` is whole (rank 0 writes it), else the number of ZeRO-3 ranks."""
+def save(engine, ckpt_root: Path, step: int, *, ema_full: dict, ema_local: dict | None, meta: dict, rank: int):
+    """``ema_full``: full EMA weights in ditmoe's names (rank 0); ``ema_local``: each rank's own EMA
+    tensors when they are not the full weights (ZeRO-3, expert parallelism), else None."""
     tag = tag_for_step(step)
     tag_dir = ckpt_root / tag
     tag_dir.mkdir(parents=True, exist_ok=True)
-    if ema_shards:
-        torch.save(ema_state, tag_dir / ema_shard_file(rank))
-    elif rank == 0:
-        torch.save(ema_state, tag_dir / EMA_FILE)
+    ema_shards = 0
+    if ema_local is not None:
+        torch.save(ema_local, tag_dir / ema_shard_file(rank))
+        ema_shards = meta["world_size"]
+    if rank == 0:
+        torch.save(ema_full, tag_dir / EMA_FILE)
     if rank == 0:
         (tag_dir / META).write_text(json.dumps({**meta, "step": step, "tag": tag, "ema_shards": ema_shards}, indent=2))
     engine.save_checkpoint(str(ckpt_root), tag=tag)  # collective; writes 'latest' last
@@ -81,13 +83,9 @@ def load(engine, tag_dir: Path, rank: int) -> tuple[dict, dict]:
     return meta, torch.load(ema_file, map_location="cpu")
 
 
-def load_ema_model_state(tag_dir: Path, shapes: dict[str, torch.Size]) -> dict:
-    """Full EMA weights; ZeRO-3 runs saved one shard per rank, merged here."""
-    num_shards = read_meta(tag_dir).get("ema_shards", 0)
-    if not num_shards:
-        return torch.load(tag_dir / EMA_FILE, map_location="cpu")
-    files = [tag_dir / ema_shard_file(r) for r in range(num_shards)]
-    missing = [f.name for f in files if not f.is_file()]
-    if missing:
-        raise FileNotFoundError(f"checkpoint {tag_dir}: missing EMA shard(s) {missing}")
-    return merge_zero3_shards([torch.load(f, map_location="cpu") for f in files], shapes)
+def load_ema_model_state(tag_dir: Path) -> dict:
+    """Full EMA weights in ditmoe's parameter names."""
+    file = tag_dir / EMA_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"checkpoint {tag_dir}: missing {EMA_FILE}")
+    return torch.load(file, map_location="cpu")

@@ -26,8 +26,9 @@ class TrainConfig:
     adam_beta2: float = 0.999
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
-    precision: str = "fp32"  # "fp32" or "bf16"
+    precision: str = "auto"  # "fp32", "bf16", or "auto": the DeepSpeed config file's bf16 setting (fp32 without one)
     zero_stage: int = 1  # used unless the DeepSpeed config file sets one
+    ep_size: int = 1  # expert parallelism through DeepSpeed AutoEP (1: off)
     activation_checkpointing: int = 0  # recompute every n-th block in backward (0: off, 1: every block)
     deepspeed_config: str | None = None
     resume: str | None = None  # None, "auto", or a checkpoint directory

@@ -1,8 +1,9 @@
 """Exponential moving average of model weights, kept in fp32.
 
-Under ZeRO-3 every rank averages only its own partition of each parameter (``ds_tensor``), so the
-EMA costs no communication and 1/W of the memory; checkpoints then hold one EMA shard per rank and
-:func:`merge_zero3_shards` reassembles the full weights.
+Every rank averages only the tensors it holds: under ZeRO-3 its partition of each parameter
+(``ds_tensor``), under expert parallelism its own experts. The EMA thus costs no communication and
+no more memory than the weights; ``gather_full_state_dict(engine, ema.state_dict())`` assembles the
+full EMA weights at checkpoint time.
 
 The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates, so that in short runs the
 average is not dominated by the untrained initial weights (with 0.999 and no warm-up, 13% of the
@@ -54,11 +55,3 @@ class EMA:
                 raise ValueError(f"EMA state {name}: shape {tuple(value.shape)} != {tuple(self.shadow[name].shape)}")
             self.shadow[name].copy_(value)
 
-
-def merge_zero3_shards(shards: list[dict[str, torch.Tensor]], shapes: dict[str, torch.Size]) -> dict:
-    """Rank-ordered ZeRO-3 partitions (each ceil(numel / W) long, zero-padded) -> full tensors."""
-    merged = {}
-    for name, shape in shapes.items():
-        flat = torch.cat([shard[name] for shard in shards])
-        merged[name] = flat[: shape.numel()].view(shape).clone()
-    return merged

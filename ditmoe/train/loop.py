@@ -11,6 +11,8 @@ from ..model import DiT
 from ..parallel import engine as ds_engine
 from ..parallel.activation_checkpointing import apply_activation_checkpointing
 from ..parallel.distributed import all_reduce_mean, all_reduce_sum, init_distributed
+from ..parallel.expert_parallel import (attach_balance_loss, autoep_config, gather_full_state_dict,
+                                        moe_param_groups, validate_ep)
 from . import checkpoint
 from .config import TrainConfig
 from .data import build_loader
@@ -69,6 +71,9 @@ def train(config: TrainConfig) -> dict:
         zero_stage=config.zero_stage, precision=config.precision, grad_clip=config.grad_clip,
     )
     accumulation = ds_config["gradient_accumulation_steps"]
+    zero = ds_config["zero_optimization"]
+    validate_ep(config.ep_size, model_config.num_experts, world, model_config.routing, zero["stage"], zero)
+    ds_config["expert_parallel"] = autoep_config(config.ep_size, model_config)
     loader = build_loader(config, model_config, rank, world)
     resume_dir = find_resume(config, ckpt_root)
     if resume_dir is not None:
@@ -78,10 +83,14 @@ def train(config: TrainConfig) -> dict:
     model = DiT(model_config).to(device)
     apply_activation_checkpointing(model, config.activation_checkpointing)
     objective = build_objective(config.objective)
-    optimizer = ds_engine.build_optimizer(model, config.lr, config.weight_decay, (config.adam_beta1, config.adam_beta2))
+    optimizer = ds_engine.build_optimizer(
+        moe_param_groups(model, config.ep_size), config.lr, config.weight_decay,
+        (config.adam_beta1, config.adam_beta2), cpu_offload=ds_engine.offloads_optimizer(ds_config),
+    )
     engine, optimizer = ds_engine.initialize(model, optimizer, ds_config)
+    attach_balance_loss(engine.module)
     ema = EMA(engine.module, config.ema_decay)
-    dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
+    dtype = torch.bfloat16 if ds_engine.uses_bf16(ds_config) else torch.float32
     forward = model_fn(engine, dtype)
 
     step = 0
@@ -95,7 +104,7 @@ def train(config: TrainConfig) -> dict:
             print(f"resumed from {resume_dir} at step {step}", flush=True)
 
     moe_layers = engine.module.moe_layers()
-    moe_blocks = [i for i, b in enumerate(engine.module.blocks) if b.mlp in moe_layers]
+    moe_blocks = [i for i in range(model_config.depth) if model_config.moe_in_block(i)]
     writer = MetricsWriter(out, config.tensorboard) if rank == 0 else None
     record = {}
     window_start, window_samples = time.perf_counter(), 0
@@ -121,7 +130,7 @@ def train(config: TrainConfig) -> dict:
             engine.step()
             sums += torch.stack([loss, losses["mse"].mean(), losses["vb"].mean(), balance]).detach().cpu()
             for i, layer in enumerate(moe_layers):
-                loads[i] += layer.tokens_per_expert.float().cpu()
+                loads[i] += layer.expert_counts.float().cpu()
         ema.update(engine.module, step)
         step += 1
         window_samples += config.global_batch_size
@@ -151,8 +160,9 @@ def train(config: TrainConfig) -> dict:
                 "model_config": model_config.to_dict(), "train_config": config.to_dict(),
                 "data": loader.state_dict(), "rng": torch.get_rng_state().tolist(), "world_size": world,
             }
-            checkpoint.save(engine, ckpt_root, step, ema_state=ema.state_dict(),
-                            ema_shards=world if ema.partitioned else 0, meta=meta, rank=rank)
+            ema_full = gather_full_state_dict(engine, ema.state_dict())  # collective
+            ema_local = ema.state_dict() if ema.partitioned or config.ep_size > 1 else None
+            checkpoint.save(engine, ckpt_root, step, ema_full=ema_full, ema_local=ema_local, meta=meta, rank=rank)
         if preempted:
             if rank == 0:
                 print(f"preempted: saved checkpoint at step {step}; rerun with --resume auto to continue", flush=True)

@@ -35,7 +35,7 @@ def build(ep: int = 1):
 def counts(model) -> torch.Tensor:
     """(MoE layers, E) int64 expert assignments of the last forward."""
     layers = model.moe_layers()
-    return torch.stack([m.expert_counts if hasattr(m, "expert_counts") else m.tokens_per_expert for m in layers])
+    return torch.stack([m.expert_counts for m in layers])
 
 
 def micro_loss(forward, model, micro, seed: int):
