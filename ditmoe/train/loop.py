@@ -73,7 +73,9 @@ def train(config: TrainConfig) -> dict:
     accumulation = ds_config["gradient_accumulation_steps"]
     zero = ds_config["zero_optimization"]
     validate_ep(config.ep_size, model_config.num_experts, world, model_config.routing, zero["stage"], zero)
-    ds_config["expert_parallel"] = autoep_config(config.ep_size, model_config)
+    if ds_config.get("expert_parallel", {}).get("enabled") and config.ep_size == 1:
+        raise ValueError(f"--deepspeed-config {config.deepspeed_config} enables expert_parallel: pass --ep-size N > 1")
+    ds_config["expert_parallel"] = {**ds_config.get("expert_parallel", {}), **autoep_config(config.ep_size, model_config)}
     loader = build_loader(config, model_config, rank, world)
     resume_dir = find_resume(config, ckpt_root)
     if resume_dir is not None:

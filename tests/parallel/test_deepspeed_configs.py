@@ -29,3 +29,26 @@ def test_config_file_trains(tmp_path, name):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(r["loss"] > 0 and r["grad_norm"] > 0 for r in records)
     assert Path(tmp_path / "checkpoints/latest").read_text().strip() == "step_00000002"
+
+
+def test_zero3_ep_config_on_two_ranks(tmp_path):
+    from test_zero_equivalence import free_port
+
+    run_cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+             "--master_addr", "127.0.0.1", "-m", "ditmoe.train", *SMALL_DIGITS, "--steps", "2",
+             "--deepspeed-config", "deepspeed_configs/zero3_ep.json", "--ep-size", "2", "--out", str(tmp_path)],
+            env={"OMP_NUM_THREADS": "1"})
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and records[-1]["balance_loss"] > 0
+
+
+def test_zero3_ep_config_needs_ep_size(tmp_path):
+    proc = run_cli(["-m", "ditmoe.train", *SMALL_DIGITS, "--steps", "1", "--deepspeed-config",
+                    "deepspeed_configs/zero3_ep.json", "--out", str(tmp_path)], check=False)
+    assert proc.returncode != 0 and "enables expert_parallel: pass --ep-size N > 1" in proc.stderr
+
+
+def test_ep_size_not_dividing_experts_is_refused(tmp_path):
+    proc = run_cli(["-m", "ditmoe.train", *SMALL_DIGITS, "--steps", "1", "--ep-size", "3", "--out", str(tmp_path)],
+                   check=False)
+    assert proc.returncode != 0 and "ep_size=3 does not divide num_experts=4" in proc.stderr
