@@ -50,7 +50,8 @@ class EMA:
         missing = sorted(set(self.shadow) - set(state))
         if missing:
             raise KeyError(f"EMA state lacks parameter(s): {missing[:5]}")
-        for name, value in state.items():
+        for name in self.shadow:  # the full export also holds buffers (pos_embed): not averaged
+            value = state[name]
             if value.shape != self.shadow[name].shape:
                 raise ValueError(f"EMA state {name}: shape {tuple(value.shape)} != {tuple(self.shadow[name].shape)}")
             self.shadow[name].copy_(value)
