@@ -157,8 +157,7 @@ class LatentLoader:
 
     def _fingerprint(self):
         d = self._data
-        return {"seed": d.seed, "batch_size": d.batch_size, "world_size": d.world_size,
-                "num_samples": self.num_samples}
+        return {"seed": d.seed, "global_batch_size": d.batch_size * d.world_size, "num_samples": self.num_samples}
 
     def state_dict(self):
         """JSON-serialisable position: the next batch is ``batch_in_epoch`` of ``epoch``."""
@@ -167,8 +166,11 @@ class LatentLoader:
                 **self._fingerprint()}
 
     def load_state_dict(self, state):
-        """Resume at ``state``; it must come from a loader with the same seed, batch size,
-        world size and dataset size (else the order would differ)."""
+        """Resume at ``state``; it must come from a loader with the same seed, global batch size
+        (batch size × world size) and dataset size (else the order would differ). The world size
+        may differ: rank r reads entries r::W of each global batch."""
+        if "global_batch_size" not in state:  # written before the world size could change
+            state = {**state, "global_batch_size": state["batch_size"] * state["world_size"]}
         for key, value in self._fingerprint().items():
             if state.get(key) != value:
                 raise ValueError(f"loader state has {key}={state.get(key)!r}, this loader {value!r}: "

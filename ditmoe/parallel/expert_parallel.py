@@ -180,3 +180,39 @@ def gather_full_state_dict(engine, local: dict[str, torch.Tensor] | None = None)
         out[f"{prefix}.experts.gate_up_proj"] = torch.cat([gate, up], dim=1)  # (E, 2F, D)
         out[f"{prefix}.experts.down_proj"] = down  # (E, D, F)
     return out if dist.get_rank() == 0 else {}
+
+
+def local_state_from_full(module: torch.nn.Module, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of ``gather_full_state_dict`` on this rank: for every parameter of ``module`` (as
+    DeepSpeed holds it), the part this rank holds, cut from ``full`` (ditmoe's names and shapes):
+    its experts under AutoEP, its flat padded partition under ZeRO-3. No communication."""
+    layers = dict(_autoep_layers(module))
+    return {name: _partition(p, _ditmoe_tensor(name, full, layers)) for name, p in module.named_parameters()}
+
+
+def _ditmoe_tensor(name: str, full: dict, layers: dict) -> torch.Tensor:
+    """The full tensor of parameter ``name`` (an AutoEP name: this rank's experts only)."""
+    prefix, _, leaf = name.rpartition(".experts.")
+    if prefix in layers and leaf in ("w1", "w2", "w3"):
+        layer = layers[prefix]
+        rows = slice(layer.ep_rank * layer.num_local_experts, (layer.ep_rank + 1) * layer.num_local_experts)
+        if leaf == "w2":
+            return full[f"{prefix}.experts.down_proj"][rows]
+        gate_up = full[f"{prefix}.experts.gate_up_proj"][rows]
+        half = gate_up.shape[1] // 2
+        return gate_up[:, :half] if leaf == "w1" else gate_up[:, half:]
+    prefix, _, leaf = name.rpartition(".router.")
+    if prefix in layers and leaf == "gate.weight":
+        return full[f"{prefix}.gate.weight"]
+    return full[name]
+
+
+def _partition(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """This rank's ZeRO-3 partition of ``value`` (laid out like ``param.ds_tensor``), or ``value``."""
+    if not hasattr(param, "ds_id"):
+        return value.clone()
+    size = param.ds_tensor.numel()
+    flat = value.reshape(-1)
+    flat = torch.cat([flat, flat.new_zeros(size * dist.get_world_size(param.ds_process_group) - flat.numel())])
+    start = size * dist.get_rank(param.ds_process_group)
+    return flat[start:start + size].clone()

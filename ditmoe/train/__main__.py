@@ -26,6 +26,8 @@ def parse_args(argv=None):
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3])
     p.add_argument("--ep-size", type=int, help="expert-parallel group size (DeepSpeed AutoEP); divides experts and ranks")
     p.add_argument("--resume", help="'auto' (latest checkpoint in OUT, if any) or a checkpoint directory")
+    p.add_argument("--resume-universal", action="store_true", default=None,
+                   help="resume through DeepSpeed's universal checkpoint: another world size, ZeRO stage or EP size")
     p.add_argument("--deepspeed-config", help="DeepSpeed JSON; batch sizes are filled from the flags")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training field (lr=3e-4) or a model field (model.depth=6); repeatable")
@@ -39,7 +41,7 @@ def build_config(args):
         "out": args.out, "data": args.data, "steps": args.steps, "global_batch_size": args.global_batch_size,
         "micro_batch_size": args.micro_batch_size, "seed": args.seed, "objective": args.objective,
         "precision": args.precision, "zero_stage": args.zero_stage, "ep_size": args.ep_size, "resume": args.resume,
-        "deepspeed_config": args.deepspeed_config,
+        "resume_universal": args.resume_universal, "deepspeed_config": args.deepspeed_config,
     }
     config = dataclasses.replace(config, **{k: v for k, v in flags.items() if v is not None})
     return apply_train_overrides(config, args.set)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from .universal import universal_dir
+
 META = "meta.json"
 EMA_FILE = "ema.pt"
 
@@ -81,6 +83,16 @@ def load(engine, tag_dir: Path, rank: int) -> tuple[dict, dict]:
     if load_path is None:
         raise FileNotFoundError(f"checkpoint {tag_dir}: DeepSpeed found no engine state to load")
     return meta, torch.load(ema_file, map_location="cpu")
+
+
+def load_universal(engine, tag_dir: Path) -> dict:
+    """Restore the engine from ``<tag>_universal`` (needs ``checkpoint.load_universal`` in the
+    DeepSpeed config), re-sharded for this run's topology; returns the meta."""
+    meta = read_meta(tag_dir)
+    load_path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=universal_dir(tag_dir).name)
+    if load_path is None:
+        raise FileNotFoundError(f"checkpoint {universal_dir(tag_dir)}: DeepSpeed found no engine state to load")
+    return meta
 
 
 def load_ema_model_state(tag_dir: Path) -> dict:

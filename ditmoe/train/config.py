@@ -32,6 +32,7 @@ class TrainConfig:
     activation_checkpointing: int = 0  # recompute every n-th block in backward (0: off, 1: every block)
     deepspeed_config: str | None = None
     resume: str | None = None  # None, "auto", or a checkpoint directory
+    resume_universal: bool = False  # resume through DeepSpeed's universal checkpoint (another world/EP size)
     log_every: int = 10
     ckpt_every: int = 500
     tensorboard: bool = True

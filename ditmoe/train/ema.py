@@ -14,6 +14,8 @@ so resuming needs no extra state.
 import torch
 from torch import nn
 
+from ..parallel.expert_parallel import local_state_from_full
+
 
 def local_tensor(p: torch.Tensor) -> torch.Tensor:
     """The part of a parameter this rank holds: its ZeRO-3 partition, or the whole tensor."""
@@ -56,3 +58,8 @@ class EMA:
                 raise ValueError(f"EMA state {name}: shape {tuple(value.shape)} != {tuple(self.shadow[name].shape)}")
             self.shadow[name].copy_(value)
 
+
+    def load_full(self, full: dict[str, torch.Tensor], model: nn.Module):
+        """Load the full EMA weights in ditmoe's names (``ema.pt``) under any ZeRO/EP layout:
+        each rank keeps its own part of them."""
+        self.load_state_dict(local_state_from_full(model, full))

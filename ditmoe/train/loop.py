@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from ..diffusion import build_objective
 from ..model import DiT
@@ -13,7 +14,7 @@ from ..parallel.activation_checkpointing import apply_activation_checkpointing
 from ..parallel.distributed import all_reduce_mean, all_reduce_sum, init_distributed
 from ..parallel.expert_parallel import (attach_balance_loss, autoep_config, gather_full_state_dict,
                                         moe_param_groups, validate_ep)
-from . import checkpoint
+from . import checkpoint, universal
 from .config import TrainConfig
 from .data import build_loader
 from .ema import EMA
@@ -80,6 +81,12 @@ def train(config: TrainConfig) -> dict:
     resume_dir = find_resume(config, ckpt_root)
     if resume_dir is not None:
         check_resume_compatible(checkpoint.read_meta(resume_dir), config, resume_dir)
+        if config.resume_universal:
+            if rank == 0:
+                universal.convert(resume_dir)
+            if dist.is_initialized():
+                dist.barrier()
+            ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
 
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = DiT(model_config).to(device)
@@ -97,8 +104,12 @@ def train(config: TrainConfig) -> dict:
 
     step = 0
     if resume_dir is not None:
-        meta, ema_state = checkpoint.load(engine, resume_dir, rank)
-        ema.load_state_dict(ema_state)
+        if config.resume_universal:  # another topology: re-shard the engine state, cut the EMA from ema.pt
+            meta = checkpoint.load_universal(engine, resume_dir)
+            ema.load_full(checkpoint.load_ema_model_state(resume_dir), engine.module)
+        else:
+            meta, ema_state = checkpoint.load(engine, resume_dir, rank)
+            ema.load_state_dict(ema_state)
         loader.load_state_dict(meta["data"])
         torch.set_rng_state(torch.tensor(meta["rng"], dtype=torch.uint8))
         step = meta["step"]

@@ -81,8 +81,26 @@ def test_resume_gives_the_same_batches(make_dataset):
     resumed.load_state_dict(state)
     assert_same(take(resumed, 7), tail)
     assert_same(take(LatentLoader(root, 3, seed=9), 18), head + tail)
-    with pytest.raises(ValueError, match="batch_size=3, this loader 4"):
+    with pytest.raises(ValueError, match="global_batch_size=3, this loader 4"):
         LatentLoader(root, 4, seed=9).load_state_dict(state)
+
+
+def test_resume_under_another_world_size(make_dataset):
+    """Same global batch, 2 ranks × 3 -> 1 rank × 6: the same samples, rank r's at r::2."""
+    root = make_dataset(n=40, std=1.0)
+    ranks = [LatentLoader(root, 3, seed=9, rank=r, world_size=2) for r in range(2)]
+    its = [iter(loader) for loader in ranks]
+    for it in its:
+        list(islice(it, 4))
+    state = json.loads(json.dumps(ranks[0].state_dict()))
+    tails = [list(islice(it, 5)) for it in its]
+    single = LatentLoader(root, 6, seed=9)
+    single.load_state_dict(state)
+    for b, (x, y) in enumerate(take(single, 5)):
+        for r in range(2):
+            assert torch.equal(x[r::2], tails[r][b][0]) and torch.equal(y[r::2], tails[r][b][1])
+    with pytest.raises(ValueError, match="global_batch_size=6, this loader 4"):
+        LatentLoader(root, 2, seed=9, rank=0, world_size=2).load_state_dict(state)
 
 
 def test_flip_and_noise_come_from_the_sample(make_dataset):
