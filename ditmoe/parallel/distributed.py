@@ -2,6 +2,7 @@
 
 import os
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -57,3 +58,17 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     out = values.detach().clone()
     dist.all_reduce(out)
     return out
+
+
+def shutdown_distributed():
+    """End a successful multi-rank run: all ranks meet, then exit at once.
+
+    Letting the interpreter tear down DeepSpeed's and gloo's native threads aborted a rank now and
+    then ("terminate called without an active exception", exit code -6) after all work was done;
+    ``os._exit`` skips that teardown. Everything is flushed and closed before this point.
+    """
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

@@ -55,6 +55,7 @@ def main(argv=None):
         sys.exit(f"error: {err}")
     if not config.data:
         sys.exit(f"error: preset {args.preset!r} has no default data: pass --data DIR_OF_LATENT_SHARDS")
+    from ..parallel.distributed import shutdown_distributed
     from .loop import train
     from .final_eval import final_eval
 
@@ -64,7 +65,8 @@ def main(argv=None):
             record = {**record, **final_eval(config)}
     except (ValueError, FileNotFoundError) as err:  # bad input: the message names the file/key/option
         sys.exit(f"error: {err}")
-    print(json.dumps({k: v for k, v in record.items() if not isinstance(v, list)}))
+    print(json.dumps({k: v for k, v in record.items() if not isinstance(v, list)}), flush=True)
+    shutdown_distributed()
 
 
 if __name__ == "__main__":
