@@ -1,5 +1,7 @@
 """Per-block activation checkpointing applied from outside the model (parameter names unchanged)."""
 
+import torch
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..model import DiT
@@ -16,12 +18,30 @@ def apply_activation_checkpointing(model: DiT, every: int) -> list[int]:
     chosen = list(range(0, len(model.blocks), every)) if every else []
     for i in chosen:
         block = model.blocks[i]
-        block.forward = _checkpointed(block.forward)
+        block.forward = _checkpointed(block, block.forward)
     return chosen
 
 
-def _checkpointed(forward):
+def _tensor_attributes(module: nn.Module) -> dict:
+    """Tensors that (sub)modules keep as plain attributes, e.g. the MoE balance loss of the last forward."""
+    return {(m, name): v for m in module.modules() for name, v in vars(m).items() if isinstance(v, torch.Tensor)}
+
+
+def _checkpointed(block: nn.Module, forward):
     def run(*args):
-        return checkpoint(forward, *args, use_reentrant=False)
+        kept = None
+
+        def once(*inputs):
+            nonlocal kept
+            try:
+                return forward(*inputs)
+            finally:
+                if kept is None:  # the forward
+                    kept = _tensor_attributes(block)
+                else:  # recomputation in backward: its side outputs would keep the recomputed graph alive
+                    for (module, name), value in kept.items():
+                        setattr(module, name, value)
+
+        return checkpoint(once, *args, use_reentrant=False)
 
     return run
