@@ -85,8 +85,8 @@ def describe(args, config, layout: Layout, result: dict) -> list[str]:
         "memory per GPU (GiB)",
         *(f"  {label:<45} {memory[key] / GIB:8.2f}" for key, label in MEMORY_LINES.items()),
         f"  {'training step total':<45} {step:8.2f}",
-        f"  {'EMA export at each checkpoint (fp32, full)':<45} {result['ema_export'] / GIB:8.2f}   "
-        "note: every rank assembles the full EMA",
+        f"  {'EMA export at each checkpoint (device peak)':<45} {result['ema_export'] / GIB:8.2f}   "
+        "note: gathered one parameter at a time to rank 0's host memory",
         f"  {'checkpoint total (persistent state + export)':<45} {ckpt_total:8.2f}   "
         "parameters, gradients, optimizer, EMA, export",
         f"  fits in {args.gpu_memory:g} GB: {fits} (CUDA context, NCCL buffers and fragmentation not included)",

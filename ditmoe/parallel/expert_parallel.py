@@ -164,22 +164,26 @@ def gather_full_state_dict(engine, local: dict[str, torch.Tensor] | None = None)
     module = engine.module
     params = dict(module.named_parameters())
     layers = dict(_autoep_layers(module))
+    keep = dist.get_rank() == 0  # gathered one parameter at a time; other ranks drop each at once
     out = {}
     for name, value in module.state_dict().items():
         if name not in params:
-            out[name] = value.detach().clone()  # buffers
-            continue
-        full = _full(params[name], None if local is None else local[name])
-        prefix, _, leaf = name.rpartition(".experts.")
-        if prefix in layers and leaf in ("w1", "w2", "w3"):
-            full = _all_experts(full, layers[prefix])
-        out[name] = full
+            full = value.detach().clone()  # buffers
+        else:
+            full = _full(params[name], None if local is None else local[name])
+            prefix, _, leaf = name.rpartition(".experts.")
+            if prefix in layers and leaf in ("w1", "w2", "w3"):
+                full = _all_experts(full, layers[prefix])
+        if keep:
+            out[name] = full.cpu()  # host memory: the device never holds more than one parameter
+    if not keep:
+        return {}
     for prefix in layers:
         out[f"{prefix}.gate.weight"] = out.pop(f"{prefix}.router.gate.weight")
         gate, up, down = (out.pop(f"{prefix}.experts.{w}") for w in ("w1", "w3", "w2"))
         out[f"{prefix}.experts.gate_up_proj"] = torch.cat([gate, up], dim=1)  # (E, 2F, D)
         out[f"{prefix}.experts.down_proj"] = down  # (E, D, F)
-    return out if dist.get_rank() == 0 else {}
+    return out
 
 
 def local_state_from_full(module: torch.nn.Module, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -195,9 +195,12 @@ def memory_per_gpu(config: DiTConfig, layout: Layout) -> dict[str, float]:
 
 
 def ema_export_bytes(config: DiTConfig) -> float:
-    """The full fp32 EMA that every rank assembles when a checkpoint is written."""
-    split = parameter_split(config)
-    return 4 * (split["dense"] + split["expert"])
+    """Device memory of the checkpoint-time EMA export: it is gathered one parameter at a time and
+    moved to rank 0's host memory, so the peak is the largest full fp32 parameter (an expert weight
+    of all experts, (E, F, D), or a dense MLP weight)."""
+    d = config.hidden_size
+    largest = max(config.num_experts * config.expert_hidden * d, int(config.mlp_ratio * d) * d, 6 * d * d)
+    return 4.0 * largest
 
 
 def backward_workspace_bytes(config: DiTConfig, layout: Layout) -> float:
