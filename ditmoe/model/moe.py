@@ -35,53 +35,15 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x: (A, D) tokens sorted by expert, ``counts[e]`` of them for expert e. Returns (A, D)."""
-        return GroupedSwiGLU.apply(x, self.gate_up_proj, self.down_proj, counts)
-
-
-class GroupedSwiGLU(torch.autograd.Function):
-    """Per-expert SwiGLU on contiguous slices, with a hand-written backward that writes each expert's
-    weight gradient straight into its slice of one (E, ...) tensor (autograd would build E per-expert
-    gradients and then stack them: a full extra copy of all expert weights' gradients)."""
-
-    @staticmethod
-    def forward(ctx, x, gate_up_proj, down_proj, counts):
-        ffn = down_proj.shape[2]
-        out = x.new_empty(x.shape[0], down_proj.shape[1])  # (A, D)
-        hidden = x.new_empty(x.shape[0], 2 * ffn)  # (A, 2F) pre-activations, kept for backward
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                rows = slice(start, start + n)
-                torch.mm(x[rows], gate_up_proj[e].t(), out=hidden[rows])
-                gate, up = hidden[rows].split(ffn, dim=1)
-                torch.mm(F.silu(gate) * up, down_proj[e].t(), out=out[rows])
-            start += n
-        ctx.counts = counts
-        ctx.save_for_backward(x, gate_up_proj, down_proj, hidden)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, gate_up_proj, down_proj, hidden = ctx.saved_tensors
-        ffn = down_proj.shape[2]
-        grad_out = grad_out.contiguous()
-        grad_x = torch.empty_like(x)
-        grad_gate_up = torch.zeros_like(gate_up_proj)
-        grad_down = torch.zeros_like(down_proj)
-        start = 0
-        for e, n in enumerate(ctx.counts):
-            if n:
-                rows = slice(start, start + n)
-                gate, up = hidden[rows].split(ffn, dim=1)  # (n, F) each
-                sig = torch.sigmoid(gate)
-                act = gate * sig  # silu(gate)
-                torch.mm(grad_out[rows].t(), act * up, out=grad_down[e])  # (D, F)
-                grad_act = grad_out[rows] @ down_proj[e]  # (n, F)
-                grad_hidden = torch.cat([grad_act * up * sig * (1 + gate * (1 - sig)), grad_act * act], dim=1)
-                torch.mm(grad_hidden.t(), x[rows], out=grad_gate_up[e])  # (2F, D)
-                torch.mm(grad_hidden, gate_up_proj[e], out=grad_x[rows])  # (n, D)
-            start += n
-        return grad_x, grad_gate_up, grad_down, None
+        outputs = []
+        # unbind once: one gradient stack in backward instead of a full-size zero tensor per expert
+        weights = zip(self.gate_up_proj.unbind(0), self.down_proj.unbind(0))
+        for chunk, (gate_up_proj, down_proj) in zip(torch.split(x, counts), weights):
+            if chunk.shape[0] == 0:
+                continue
+            gate, up = F.linear(chunk, gate_up_proj).chunk(2, dim=-1)  # (n_e, F) each
+            outputs.append(F.linear(F.silu(gate) * up, down_proj))  # (n_e, D)
+        return torch.cat(outputs) if outputs else x.new_zeros(0, x.shape[1])
 
 
 def dispatch(x: torch.Tensor, routing: Routing, experts: GroupedExperts) -> torch.Tensor:
