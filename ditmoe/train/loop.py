@@ -138,7 +138,7 @@ def train(config: TrainConfig) -> dict:
             balance = engine.module.balance_loss().float()
             loss = losses["loss"].mean() + balance
             engine.backward(loss)
-            if a == accumulation - 1 and ds_config["zero_optimization"]["stage"] == 0:
+            if a == accumulation - 1 and zero["stage"] == 0:
                 grad_norm = parameter_grad_norm(engine.module)
             engine.step()
             sums += torch.stack([loss, losses["mse"].mean(), losses["vb"].mean(), balance]).detach().cpu()
@@ -173,8 +173,9 @@ def train(config: TrainConfig) -> dict:
                 "model_config": model_config.to_dict(), "train_config": config.to_dict(),
                 "data": loader.state_dict(), "rng": torch.get_rng_state().tolist(), "world_size": world,
             }
-            ema_full = gather_full_state_dict(engine, ema.state_dict())  # collective
-            ema_local = ema.state_dict() if ema.partitioned or config.ep_size > 1 else None
+            ema_state = ema.state_dict()
+            ema_full = gather_full_state_dict(engine, ema_state)  # collective
+            ema_local = ema_state if ema.partitioned or config.ep_size > 1 else None
             checkpoint.save(engine, ckpt_root, step, ema_full=ema_full, ema_local=ema_local, meta=meta, rank=rank)
         if preempted:
             if rank == 0:
