@@ -74,21 +74,24 @@ def validate_ep(ep_size: int, num_experts: int, world_size: int, routing: str, z
         raise ValueError("DeepSpeed AutoEP with ZeRO-3 does not support hpZ (zero_hpz_partition_size > 1)")
 
 
-def moe_param_groups(model: torch.nn.Module, ep_size: int) -> list[dict]:
+def moe_param_groups(model: torch.nn.Module, ep_size: int, zero_stage: int) -> list[dict]:
     """Optimizer param groups for a client optimizer built before ``deepspeed.initialize``.
 
     With EP, ZeRO-1/2 need the expert weights in a group marked ``moe`` and named after their EP
     group; AutoEP puts each replacement expert weight into the group of the weight it came from.
+    Under ZeRO-1/2 the experts get their own group even without EP: DeepSpeed's universal
+    checkpoint restores ZeRO-1/2 optimizer state group by group, so runs with and without EP must
+    have the same groups. (ZeRO-3 restores by parameter name; one group without EP.)
     """
     experts = [p for name, m in model.named_modules() if re.fullmatch(MOE_LAYER_PATTERN, name)
                and hasattr(m, "experts") for p in m.experts.parameters()]
-    if ep_size == 1 or not experts:
+    if not experts or (ep_size == 1 and zero_stage == 3):
         return [{"params": list(model.parameters()), "name": "params"}]
     ids = {id(p) for p in experts}
-    return [
-        {"params": [p for p in model.parameters() if id(p) not in ids], "name": "params"},
-        {"params": experts, "name": f"ep_size_{ep_size}", "moe": True},
-    ]
+    expert_group = {"params": experts, "name": "experts"}
+    if ep_size > 1:
+        expert_group.update(name=f"ep_size_{ep_size}", moe=True)
+    return [{"params": [p for p in model.parameters() if id(p) not in ids], "name": "params"}, expert_group]
 
 
 def _autoep_layers(module: torch.nn.Module):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .universal import universal_dir
+from .universal import client_state, universal_dir
 
 META = "meta.json"
 EMA_FILE = "ema.pt"
@@ -70,7 +70,8 @@ def save(engine, ckpt_root: Path, step: int, *, ema_full: dict, ema_local: dict 
         torch.save(ema_full, tag_dir / EMA_FILE)
     if rank == 0:
         (tag_dir / META).write_text(json.dumps({**meta, "step": step, "tag": tag, "ema_shards": ema_shards}, indent=2))
-    engine.save_checkpoint(str(ckpt_root), tag=tag)  # collective; writes 'latest' last
+    engine.save_checkpoint(str(ckpt_root), tag=tag,  # collective; writes 'latest' last
+                           client_state=client_state(meta["train_config"]["ep_size"]))
 
 
 def load(engine, tag_dir: Path, rank: int) -> tuple[dict, dict]:

@@ -45,6 +45,19 @@ def check_resume_compatible(meta: dict, config: TrainConfig, tag_dir: Path):
         raise ValueError(f"checkpoint {tag_dir} was trained with another model config ({details})")
 
 
+def check_universal_compatible(meta: dict, zero_stage: int, tag_dir: Path):
+    """DeepSpeed's universal checkpoints of ZeRO-1/2 and of ZeRO-3 have different layouts: a run may
+    change world size and EP size, but not cross between the two families."""
+    saved = meta.get("zero_stage")
+    if saved is None:
+        raise ValueError(f"checkpoint {tag_dir} does not record its ZeRO stage (saved by an older ditmoe); "
+                         "resume it with the same topology instead of --resume-universal")
+    if (saved == 3) != (zero_stage == 3):
+        raise ValueError(f"checkpoint {tag_dir} was saved with ZeRO-{saved}; DeepSpeed's universal checkpoint "
+                         f"cannot move it to ZeRO-{zero_stage} (ZeRO-1/2 and ZeRO-3 layouts differ): "
+                         f"use --zero-stage {3 if saved == 3 else saved}")
+
+
 def find_resume(config: TrainConfig, ckpt_root: Path) -> Path | None:
     if config.resume is None:
         return None
@@ -80,8 +93,10 @@ def train(config: TrainConfig) -> dict:
     loader = build_loader(config, model_config, rank, world)
     resume_dir = find_resume(config, ckpt_root)
     if resume_dir is not None:
-        check_resume_compatible(checkpoint.read_meta(resume_dir), config, resume_dir)
+        resume_meta = checkpoint.read_meta(resume_dir)
+        check_resume_compatible(resume_meta, config, resume_dir)
         if config.resume_universal:
+            check_universal_compatible(resume_meta, zero["stage"], resume_dir)
             if rank == 0:
                 universal.convert(resume_dir)
             if dist.is_initialized():
@@ -93,7 +108,7 @@ def train(config: TrainConfig) -> dict:
     apply_activation_checkpointing(model, config.activation_checkpointing)
     objective = build_objective(config.objective)
     optimizer = ds_engine.build_optimizer(
-        moe_param_groups(model, config.ep_size), config.lr, config.weight_decay,
+        moe_param_groups(model, config.ep_size, zero["stage"]), config.lr, config.weight_decay,
         (config.adam_beta1, config.adam_beta2), cpu_offload=ds_engine.offloads_optimizer(ds_config),
     )
     engine, optimizer = ds_engine.initialize(model, optimizer, ds_config)
@@ -172,6 +187,7 @@ def train(config: TrainConfig) -> dict:
             meta = {
                 "model_config": model_config.to_dict(), "train_config": config.to_dict(),
                 "data": loader.state_dict(), "rng": torch.get_rng_state().tolist(), "world_size": world,
+                "zero_stage": zero["stage"],
             }
             ema_state = ema.state_dict()
             ema_full = gather_full_state_dict(engine, ema_state)  # collective

@@ -3,18 +3,28 @@
 ``ds_to_universal`` stores every parameter's full fp32 weights and optimizer moments under
 ``zero/<name>/``, AutoEP layers in AutoEP's names (``router.gate.weight``, ``experts.w1/w3/w2``).
 A run without EP has ditmoe's names (``gate.weight``, ``experts.gate_up_proj/down_proj``), so both
-are written: the loader reads only the names the new model has.
+are written: the loader reads only the names the new model has. DeepSpeed converts only checkpoints
+that carry ``universal_checkpoint_info``; AutoEP adds it, :func:`client_state` does for other runs.
 """
 
-import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                            UNIVERSAL_CHECKPOINT_VERSION_VALUE)
 
 STATES = ("fp32", "exp_avg", "exp_avg_sq")
+
+
+def client_state(ep_size: int) -> dict:
+    """What ``save_checkpoint`` must add so that ``ds_to_universal`` accepts a run without EP
+    (with EP, AutoEP writes its own ``universal_checkpoint_info``)."""
+    if ep_size > 1:
+        return {}
+    return {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
 
 
 def universal_dir(tag_dir: Path) -> Path:
@@ -33,21 +43,50 @@ def convert(tag_dir: Path) -> Path:
                            "--output_folder", str(partial)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"ds_to_universal failed on {tag_dir}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    add_ditmoe_names(partial / "zero")
+    add_both_names(partial / "zero")
     partial.rename(out)
     (out.parent / "latest_universal").write_text(out.name)
     return out
 
 
-def add_ditmoe_names(zero: Path):
-    """For every AutoEP layer in ``zero/``, its parameters also under ditmoe's names and shapes."""
+def add_both_names(zero: Path):
+    """Every MoE layer's parameters under both ditmoe's and AutoEP's names, so a checkpoint written
+    with expert parallelism resumes without it and the other way round."""
     for w1 in sorted(zero.glob("*.experts.w1")):
-        prefix = re.sub(r"\.experts\.w1$", "", w1.name)
-        shutil.copytree(zero / f"{prefix}.router.gate.weight", zero / f"{prefix}.gate.weight")
-        for name, parts in ((f"{prefix}.experts.gate_up_proj", ("w1", "w3")), (f"{prefix}.experts.down_proj", ("w2",))):
-            (zero / name).mkdir()
-            shutil.copy2(w1 / "step.pt", zero / name / "step.pt")
-            for state in STATES:
-                full = [torch.load(zero / f"{prefix}.experts.{w}" / f"{state}.pt", weights_only=False)["param"]
-                        for w in parts]
-                torch.save({"param": torch.cat(full, dim=1), "cat_dim": 0}, zero / name / f"{state}.pt")
+        prefix = w1.name.removesuffix(".experts.w1")
+        if not (zero / f"{prefix}.gate.weight").exists():
+            shutil.copytree(zero / f"{prefix}.router.gate.weight", zero / f"{prefix}.gate.weight")
+            _write(zero, f"{prefix}.experts.gate_up_proj", w1,
+                   lambda load: {"param": torch.cat([load("w1"), load("w3")], dim=1), "cat_dim": 0})
+            _write(zero, f"{prefix}.experts.down_proj", w1, lambda load: {"param": load("w2"), "cat_dim": 0})
+    for gate_up in sorted(zero.glob("*.experts.gate_up_proj")):
+        prefix = gate_up.name.removesuffix(".experts.gate_up_proj")
+        if not (zero / f"{prefix}.experts.w1").exists():
+            shutil.copytree(zero / f"{prefix}.gate.weight", zero / f"{prefix}.router.gate.weight")
+            for w, source, half in (("w1", "gate_up_proj", 0), ("w3", "gate_up_proj", 1), ("w2", "down_proj", None)):
+                _write(zero, f"{prefix}.experts.{w}", gate_up,
+                       lambda load, source=source, half=half: _expert_state(load(source), half))
+
+
+def _expert_state(param: torch.Tensor, half: int | None) -> dict:
+    """AutoEP's entry for fused experts (E, ...): ``half`` picks the gate (0) or up (1) rows of gate_up_proj."""
+    if half is not None:
+        param = param.chunk(2, dim=1)[half]
+    return {"param": param.contiguous(), "cat_dim": 0, "is_expert_param": True, "ep_num_experts": param.shape[0]}
+
+
+def _write(zero: Path, name: str, like: Path, build):
+    """``zero/<name>/<state>.pt`` for every optimizer state; ``build(load)`` gets a loader of the same
+    layer's tensors by short name (``w1``, ``gate_up_proj``, ...)."""
+    layer = like.name.rsplit(".", 1)[0]
+    (zero / name).mkdir()
+    if (like / "step.pt").is_file():  # ZeRO-1/2 store the step per parameter, ZeRO-3 does not
+        shutil.copy2(like / "step.pt", zero / name / "step.pt")
+    for state in STATES:
+        torch.save(build(lambda short: _param(zero / f"{layer}.{short}" / f"{state}.pt")), zero / name / f"{state}.pt")
+
+
+def _param(file: Path) -> torch.Tensor:
+    """A universal state file holds ``{"param": tensor, ...}`` (or, for ZeRO-3, possibly the bare tensor)."""
+    state = torch.load(file, weights_only=False)
+    return state["param"] if isinstance(state, dict) else state

@@ -24,12 +24,12 @@ def batch(step: int):
     return x, t, y, torch.randn(GLOBAL_BATCH, 8, 8, 8, generator=g)
 
 
-def build(ep: int = 1):
+def build(ep: int = 1, zero: int = 0):
     from ditmoe.parallel.expert_parallel import moe_param_groups
 
     torch.manual_seed(0)
     model = DiT(get_preset("tiny"))
-    return model, torch.optim.AdamW(moe_param_groups(model, ep), lr=LR, weight_decay=0.01)
+    return model, torch.optim.AdamW(moe_param_groups(model, ep, zero), lr=LR, weight_decay=0.01)
 
 
 def counts(model) -> torch.Tensor:
@@ -79,7 +79,7 @@ def distributed(zero: int, ep: int) -> dict:
     from ditmoe.parallel.expert_parallel import attach_balance_loss, autoep_config, gather_full_state_dict
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    model, opt = build(ep)
+    model, opt = build(ep, zero)
     gas = GLOBAL_BATCH // (MICRO_BATCH * world)
     config = {
         "train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": MICRO_BATCH,

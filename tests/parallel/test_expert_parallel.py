@@ -87,7 +87,10 @@ def test_refused_zero3_features():
 
 def test_param_groups():
     model = DiT(get_preset("tiny"))
-    dense, experts = moe_param_groups(model, 2)
+    dense, experts = moe_param_groups(model, 2, 3)
     assert experts["moe"] and experts["name"] == "ep_size_2" and len(experts["params"]) == 4
     assert len(dense["params"]) + 4 == len(list(model.parameters()))
-    assert len(moe_param_groups(model, 1)) == 1
+    same_dense, no_ep = moe_param_groups(model, 1, 2)  # ZeRO-1/2: the same groups without EP (universal resume)
+    assert "moe" not in no_ep and no_ep["params"] == experts["params"] and same_dense["params"] == dense["params"]
+    assert len(moe_param_groups(model, 1, 3)) == 1
+    assert len(moe_param_groups(DiT(get_preset("tiny").replace(num_experts=0)), 1, 2)) == 1
