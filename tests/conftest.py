@@ -1,6 +1,8 @@
 """Shared fixtures: run the real command-line entry points in subprocesses."""
 
+import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,27 @@ SMALL_DIGITS = [
     "--set", "model.hidden_size=32", "--set", "model.depth=2", "--set", "model.num_heads=2",
     "--set", "log_every=1", "--set", "eval_samples=0",
 ]
+
+
+# Fixed seed and learning rate for runs that are compared across topologies.
+STEPS = ["--steps", "5", "--seed", "3", "--set", "lr=3e-3"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def torchrun(out, *args, nproc=2):
+    """The SMALL_DIGITS + STEPS run on ``nproc`` real ranks (gloo), extra ``args`` last."""
+    return run_cli(["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
+                    "--master_addr", "127.0.0.1", "-m", "ditmoe.train", *SMALL_DIGITS, *STEPS, *args, "--out", str(out)],
+                   env={"OMP_NUM_THREADS": "1"})
 
 
 def run_cli(args: list[str], *, check: bool = True, env: dict | None = None, timeout: int = 600):

@@ -1,7 +1,7 @@
 """Sample images from a trained checkpoint into an ADM-format npz.
 
     python tools/sample.py --ckpt runs/demo --out samples.npz --num-samples 1000 \
-        [--cfg-scale 1.5] [--sampler ddpm|ddim] [--steps 50] [--grid grid.png] [--seed 0]
+        [--cfg-scale 1.5] [--sampler ddpm|ddim|dpm_solver++] [--steps 50] [--grid grid.png] [--seed 0]
 
 Writes ``arr_0`` (N, H, W, C) uint8 images and ``arr_1`` (N,) int64 class labels (classes cycle
 0..K-1). Uses EMA weights unless ``--weights model``. The models of the embedded digits demo work
@@ -28,8 +28,8 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="output .npz")
     p.add_argument("--num-samples", type=int, required=True)
     p.add_argument("--cfg-scale", type=float, default=1.0)
-    p.add_argument("--sampler", help="ddpm (default for DDPM models) | ddim | euler (rectified flow)")
-    p.add_argument("--steps", type=int, help="sampling steps (default: 250 ddpm, 50 ddim/euler)")
+    p.add_argument("--sampler", help="ddpm (default for DDPM models) | ddim | dpm_solver++ | euler (rectified flow)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: 250 ddpm, 50 ddim/euler, 20 dpm_solver++)")
     p.add_argument("--guide-channels", type=int, help="guide only the first N channels (DiT used 3 of 4)")
     p.add_argument("--weights", choices=["ema", "model"], default="ema")
     p.add_argument("--batch-size", type=int, default=250)

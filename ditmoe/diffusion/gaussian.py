@@ -30,12 +30,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .dpm_solver import dpm_solver_sample, logsnr_timesteps
 from .guidance import ClassifierFreeGuidance, Model
 from .losses import discretized_gaussian_log_likelihood, normal_kl
 from .schedule import linear_betas
 from .schedule import respace as respace_schedule
 
-_DEFAULT_STEPS = {"ddpm": 250, "ddim": 50}
+_DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm_solver++": 20}
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -267,16 +268,20 @@ class GaussianDiffusion:
     ) -> Tensor:
         """Generate x_0 (N, C, H, W) from x_T = ``noise`` with labels ``y`` (N,).
 
-        ``sampler="ddpm"`` (default 250 steps, evenly strided) or ``"ddim"`` (default 50 steps,
-        ``ddimK`` striding, stochasticity ``eta``). CFG uses ``num_classes`` as the null label.
+        ``sampler="ddpm"`` (default 250 steps, evenly strided), ``"ddim"`` (default 50 steps,
+        ``ddimK`` striding, stochasticity ``eta``) or ``"dpm_solver++"`` (2nd-order multistep, default
+        20 steps uniform in log-SNR, deterministic). CFG uses ``num_classes`` as the null label.
         """
         if sampler not in _DEFAULT_STEPS:
             raise ValueError(
                 f"sampler={sampler!r} is not supported by GaussianDiffusion; valid choices: {sorted(_DEFAULT_STEPS)}"
             )
         steps = _DEFAULT_STEPS[sampler] if steps is None else steps
-        spaced = self.respace(str(steps) if sampler == "ddpm" else f"ddim{steps}")
         net = ClassifierFreeGuidance(model, cfg_scale, null_label=num_classes, guide_channels=guide_channels)
+        if sampler == "dpm_solver++":
+            timesteps = logsnr_timesteps(self.alphas_cumprod, steps)
+            return dpm_solver_sample(self, net, noise, y, timesteps, clip_denoised=clip_denoised, progress=progress)
+        spaced = self.respace(str(steps) if sampler == "ddpm" else f"ddim{steps}")
         indices = range(spaced.num_timesteps - 1, -1, -1)
         if progress:
             indices = tqdm(indices, desc=f"{sampler} sampling")

@@ -6,10 +6,13 @@ fused SwiGLU weights ``gate_up_proj (E, 2F, D)`` (gate rows first, then up) and 
 """
 
 import math
+from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .config import DiTConfig
 from .mlp import SwiGLU
@@ -76,6 +79,14 @@ class MoEFeedForward(nn.Module):
         self.shared_experts = SwiGLU(d, config.shared_hidden) if config.shared_hidden else None
         self.aux_loss: torch.Tensor | None = None
         self.expert_counts: torch.Tensor | None = None
+        self._routing_hooks: OrderedDict[int, Callable] = OrderedDict()
+
+    def register_routing_hook(self, hook: Callable[[nn.Module, Routing, tuple[int, int]], None]) -> RemovableHandle:
+        """Call ``hook(module, routing, (n, t))`` after each forward's routing of n samples of t tokens
+        (observers such as the routing analysis); ``handle.remove()`` detaches it."""
+        handle = RemovableHandle(self._routing_hooks)
+        self._routing_hooks[handle.id] = hook
+        return handle
 
     def route(self, x: torch.Tensor) -> Routing:
         """x: (N, T, D) -> assignments over the flattened (N*T) tokens."""
@@ -90,6 +101,8 @@ class MoEFeedForward(nn.Module):
         routing = self.route(x)
         self.aux_loss = routing.aux_loss
         self.expert_counts = routing.tokens_per_expert.detach()
+        for hook in self._routing_hooks.values():
+            hook(self, routing, (n, t))
         flat = x.reshape(n * t, d)
         y = dispatch(flat, routing, self.experts)  # (N*T, D)
         if self.shared_experts is not None:

@@ -47,17 +47,27 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def collective_device() -> torch.device:
+    """Where collective inputs must live: the current GPU under NCCL, else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce(values: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """Reduction over ranks of ``values`` (a copy on its own device; the tensor itself is not changed)."""
+    out = values.detach().to(collective_device(), copy=True)
+    dist.all_reduce(out, op=op)
+    return out.to(values.device)
+
+
 def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     """Mean over ranks of a float tensor (a copy)."""
-    out = values.detach().clone()
-    dist.all_reduce(out)
-    return out / dist.get_world_size()
+    return all_reduce(values) / dist.get_world_size()
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    out = values.detach().clone()
-    dist.all_reduce(out)
-    return out
+    return all_reduce(values)
 
 
 def shutdown_distributed():

@@ -175,6 +175,8 @@ def train(config: TrainConfig) -> dict:
                 "samples_per_s": window_samples / elapsed,
                 **expert_load_stats(loads.tolist(), moe_blocks),
             }
+            if device.type == "cuda":
+                record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             if writer is not None:
                 writer.log(record)
                 print(f"step {step}/{config.steps} loss {record['loss']:.4f} mse {record['mse']:.4f} "

@@ -9,6 +9,8 @@ import signal
 import torch
 import torch.distributed as dist
 
+from ..parallel.distributed import all_reduce
+
 
 class PreemptionGuard:
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
@@ -25,5 +27,5 @@ class PreemptionGuard:
         """Collective: True on every rank once any rank has been signalled."""
         flag = torch.tensor([self.signalled], dtype=torch.int64)
         if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            flag = all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

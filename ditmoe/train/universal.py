@@ -83,10 +83,10 @@ def _write(zero: Path, name: str, like: Path, build):
     if (like / "step.pt").is_file():  # ZeRO-1/2 store the step per parameter, ZeRO-3 does not
         shutil.copy2(like / "step.pt", zero / name / "step.pt")
     for state in STATES:
-        torch.save(build(lambda short: _param(zero / f"{layer}.{short}" / f"{state}.pt")), zero / name / f"{state}.pt")
+        torch.save(build(lambda short: load_param(zero / f"{layer}.{short}" / f"{state}.pt")), zero / name / f"{state}.pt")
 
 
-def _param(file: Path) -> torch.Tensor:
+def load_param(file: Path) -> torch.Tensor:
     """A universal state file holds ``{"param": tensor, ...}`` (or, for ZeRO-3, possibly the bare tensor)."""
     state = torch.load(file, weights_only=False)
     return state["param"] if isinstance(state, dict) else state

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SMALL_DIGITS, run_cli
+from conftest import REPO, SMALL_DIGITS, free_port, run_cli
 from ditmoe.parallel.engine import deepspeed_config
 
 CONFIGS = sorted(p.name for p in (REPO / "deepspeed_configs").glob("*.json") if "_ep" not in p.name)
@@ -32,8 +32,6 @@ def test_config_file_trains(tmp_path, name):
 
 
 def test_zero3_ep_config_on_two_ranks(tmp_path):
-    from test_zero_equivalence import free_port
-
     run_cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
              "--master_addr", "127.0.0.1", "-m", "ditmoe.train", *SMALL_DIGITS, "--steps", "2",
              "--deepspeed-config", "deepspeed_configs/zero3_ep.json", "--ep-size", "2", "--out", str(tmp_path)],

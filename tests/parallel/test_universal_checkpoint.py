@@ -6,8 +6,7 @@ the noise seeds follow the micro-batch index). ZeRO-1/2 and ZeRO-3 layouts do no
 import pytest
 import torch
 
-from conftest import SMALL_DIGITS, run_cli
-from test_zero_equivalence import STEPS, metrics, torchrun
+from conftest import SMALL_DIGITS, STEPS, metrics, run_cli, torchrun
 
 # name: (source ZeRO stage, EP size, ranks) -> (target ZeRO stage, EP size, ranks)
 PAIRS = {

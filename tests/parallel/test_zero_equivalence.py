@@ -1,27 +1,12 @@
 """The trainer on 2 real ranks (gloo, torchrun) with ZeRO-1/2/3 equals one process accumulating the
 same micro-batches: per-step loss and balance loss within 1e-5, and the same weights afterwards."""
 
-import json
-import socket
-
 import pytest
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-from conftest import SMALL_DIGITS, run_cli
+from conftest import SMALL_DIGITS, STEPS, free_port, metrics, run_cli, torchrun
 from ditmoe.inference import load_model
-
-STEPS = ["--steps", "5", "--seed", "3", "--set", "lr=3e-3"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def metrics(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +15,6 @@ def single(tmp_path_factory):
     run_cli(["-m", "ditmoe.train", *SMALL_DIGITS, *STEPS, "--zero-stage", "0", "--micro-batch-size", "8",
              "--out", str(out)])
     return out
-
-
-def torchrun(out, *args, nproc=2):
-    return run_cli(["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-                    "--master_addr", "127.0.0.1", "-m", "ditmoe.train", *SMALL_DIGITS, *STEPS, *args, "--out", str(out)],
-                   env={"OMP_NUM_THREADS": "1"})
 
 
 @pytest.mark.parametrize("stage,ep", [(1, 1), (2, 1), (3, 1), (2, 2), (3, 2)])

@@ -1,0 +1,1 @@
+"""Hugging Face (transformers) format: export of trained models and import of published ones."""

@@ -1,0 +1,43 @@
+"""Read an exported Hugging Face folder back into ditmoe's DiT without going through transformers'
+remote code (for ``tools/sample.py`` and tests)."""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ..model import DiT
+from .configuration_ditmoe import DiTMoEConfig
+from .export import SCHEDULER_FILE
+
+
+def is_hf_folder(path: str | Path) -> bool:
+    config = Path(path) / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == DiTMoEConfig.model_type
+
+
+def load_hf_folder(path: str | Path) -> tuple[DiT, dict]:
+    """(model in eval mode, meta with the model config and the objective) of an exported folder."""
+    path = Path(path)
+    config = DiTMoEConfig.from_json_file(path / "config.json")
+    index = path / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    state = {}
+    for name in files:
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path}: missing weight file {name}")
+        state.update(load_file(path / name))
+    model = DiT(config.to_dit_config())
+    prefix = "dit."
+    weights = {k.removeprefix(prefix): v.float() for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if k != "pos_embed"]
+    if missing or unexpected:
+        raise KeyError(f"{path}: missing weights {missing[:5]}, unexpected weights {unexpected[:5]}")
+    schedule_file = path / SCHEDULER_FILE
+    if not schedule_file.is_file():
+        raise FileNotFoundError(f"{path}: missing {SCHEDULER_FILE}")
+    schedule = json.loads(schedule_file.read_text())
+    meta = {"model_config": model.config.to_dict(), "train_config": {"objective": schedule["objective"]}}
+    return model.eval(), meta
