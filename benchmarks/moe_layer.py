@@ -3,7 +3,7 @@
 The dense baseline has width k·F + shared width (F = 4·D), so it does the same multiply-accumulates per
 token as the MoE layer's routed and shared experts; the ratio shows the cost of routing and dispatch.
 
-    python benchmarks/moe_layer.py [--tokens 2048] [--repeats 10] [--threads N]
+    python benchmarks/moe_layer.py [--tokens 2048] [--repeats 10] [--threads N] [--device cuda] [--dtype bf16]
 """
 
 import argparse
@@ -21,10 +21,17 @@ from ditmoe.model.mlp import SwiGLU  # noqa: E402
 from ditmoe.model.moe import MoEFeedForward  # noqa: E402
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def fwd_bwd_seconds(layer: torch.nn.Module, x: torch.Tensor) -> float:
     x = x.detach().requires_grad_(True)
+    if x.is_cuda:
+        torch.cuda.synchronize()
     start = time.perf_counter()
-    layer(x).square().mean().backward()
+    layer(x).float().square().mean().backward()
+    if x.is_cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
@@ -33,17 +40,20 @@ def main():
     parser.add_argument("--tokens", type=int, default=2048, help="tokens per call (8 images of 256 tokens)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
     print(f"{args.tokens} tokens, {args.threads} threads, median of {args.repeats} forward+backward, "
-          f"{'cuda' if torch.cuda.is_available() else 'cpu'} fp32")
+          f"{device.type} {args.dtype}")
     print(f"{'preset':<20} {'moe ms':>8} {'dense ms':>9} {'ratio':>6}")
     for name in ("DiT-MoE-S/2-8E2A", "DiT-MoE-S/2-16E2A", "DiT-MoE-B/2-8E2A", "DiT-MoE-B/2-16E2A"):
         cfg = get_preset(name)
-        moe = MoEFeedForward(cfg).train()
-        dense = SwiGLU(cfg.hidden_size, cfg.top_k * cfg.expert_hidden + cfg.shared_hidden)
-        x = torch.randn(args.tokens // cfg.num_tokens, cfg.num_tokens, cfg.hidden_size)
+        moe = MoEFeedForward(cfg).train().to(device, dtype)
+        dense = SwiGLU(cfg.hidden_size, cfg.top_k * cfg.expert_hidden + cfg.shared_hidden).to(device, dtype)
+        x = torch.randn(args.tokens // cfg.num_tokens, cfg.num_tokens, cfg.hidden_size, device=device, dtype=dtype)
         for _ in range(2):  # warm-up
             fwd_bwd_seconds(moe, x), fwd_bwd_seconds(dense, x)
         moe_t, dense_t = [], []

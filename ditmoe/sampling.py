@@ -1,13 +1,17 @@
 """Generate latents from a model in batches, with classifier-free guidance and fixed seeds."""
 
+from collections.abc import Iterable
+
 import torch
 
 
 @torch.no_grad()
 def generate(model, objective, labels: torch.Tensor, *, cfg_scale: float = 1.0, sampler: str | None = None,
              steps: int | None = None, batch_size: int = 250, seed: int = 0, guide_channels: int | None = None,
-             progress: bool = False) -> torch.Tensor:
-    """Latents (N, C, H, W) for ``labels`` (N,). Batch b starts from noise seeded by ``seed + b``."""
+             progress: bool = False, batches: Iterable[int] | None = None) -> torch.Tensor:
+    """Latents (n, C, H, W) for ``labels`` (N,), cut into batches of ``batch_size``: all of them, or only the
+    batch indices ``batches``, concatenated in that order. Batch b holds ``labels[b * batch_size:][:batch_size]``
+    and starts from noise seeded by ``seed + b``, so it comes out the same whichever batches are generated."""
     cfg = model.config
     device = next(model.parameters()).device
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
@@ -15,12 +19,28 @@ def generate(model, objective, labels: torch.Tensor, *, cfg_scale: float = 1.0, 
               "progress": progress, "steps": steps}
     if sampler is not None:
         kwargs["sampler"] = sampler
+    if batches is None:
+        batches = range(num_batches(len(labels), batch_size))
     outputs = []
-    for b, y in enumerate(labels.split(batch_size)):
+    for b in batches:
+        y = labels[b * batch_size:(b + 1) * batch_size]
         torch.manual_seed(seed + b)
         noise = torch.randn((len(y), *shape), device=device)
         outputs.append(objective.sample(model, noise, y.to(device), **kwargs).cpu())
     return torch.cat(outputs)
+
+
+def num_batches(num_samples: int, batch_size: int) -> int:
+    """Batches of ``batch_size`` (the last one possibly shorter) that hold ``num_samples``."""
+    return -(-num_samples // batch_size)
+
+
+def rank_batches(total_batches: int, rank: int, world_size: int) -> range:
+    """The contiguous batch indices rank ``rank`` of ``world_size`` generates: shares differ by at most one
+    batch (the first ranks take the extra ones), and concatenated in rank order they are all batches in order."""
+    share, extra = divmod(total_batches, world_size)
+    start = rank * share + min(rank, extra)
+    return range(start, start + share + (rank < extra))
 
 
 def to_uint8_images(x: torch.Tensor) -> torch.Tensor:

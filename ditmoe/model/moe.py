@@ -36,8 +36,23 @@ class GroupedExperts(nn.Module):
         nn.init.uniform_(self.gate_up_proj, -bound, bound)
         nn.init.uniform_(self.down_proj, -bound, bound)
 
-    def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """x: (A, D) tokens sorted by expert, ``counts[e]`` of them for expert e. Returns (A, D)."""
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x: (A, D) tokens sorted by expert, ``counts[e]`` of them for expert e ((E,) int64). Returns (A, D).
+
+        bf16 runs one grouped GEMM per projection (no per-expert launches, no host synchronisation);
+        other dtypes loop over the experts (``torch._grouped_mm`` has no fp32 backward).
+        """
+        if x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+            return self._grouped(x, counts)
+        return self._looped(x, counts.tolist())
+
+    def _grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        offsets = torch.cumsum(counts, 0).to(torch.int32)  # (E,) end of each expert's rows
+        gate_up = torch._grouped_mm(x, self.gate_up_proj.transpose(-2, -1), offs=offsets)  # (A, 2F)
+        gate, up = gate_up.chunk(2, dim=-1)  # (A, F) each
+        return torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=offsets)  # (A, D)
+
+    def _looped(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         outputs = []
         # unbind once: one gradient stack in backward instead of a full-size zero tensor per expert
         weights = zip(self.gate_up_proj.unbind(0), self.down_proj.unbind(0))
@@ -56,7 +71,7 @@ def dispatch(x: torch.Tensor, routing: Routing, experts: GroupedExperts) -> torc
     """
     order = torch.argsort(routing.expert_index, stable=True)  # (A,)
     token = routing.token_index[order]
-    counts = torch.bincount(routing.expert_index, minlength=experts.num_experts).tolist()
+    counts = torch.bincount(routing.expert_index, minlength=experts.num_experts)  # (E,)
     out = experts(x.index_select(0, token), counts)  # (A, D)
     out = out * routing.weight[order].to(out.dtype)[:, None]
     return torch.zeros_like(x).index_add_(0, token, out)
