@@ -1,10 +1,10 @@
 """Load a trained model from a checkpoint for sampling and evaluation (no DeepSpeed needed)."""
 
+import json
 from pathlib import Path
 
 import torch
 
-from .hf.load import is_hf_folder, load_hf_folder
 from .model import DiT, DiTConfig
 from .train import checkpoint, universal
 
@@ -13,6 +13,8 @@ def load_model(ckpt: str | Path, weights: str = "ema", device: str | torch.devic
     """EMA (default) or raw model weights of a run/checkpoint directory -> (model in eval mode, meta).
     An exported Hugging Face folder (``tools/convert_ckpt_to_hf.py``) loads too; it holds one set of weights."""
     if is_hf_folder(ckpt):
+        from .hf.load import load_hf_folder  # imports transformers (seconds): only when needed
+
         model, meta = load_hf_folder(ckpt)
         return model.to(device), meta
     tag_dir = checkpoint.resolve_checkpoint(ckpt)
@@ -29,6 +31,12 @@ def load_model(ckpt: str | Path, weights: str = "ema", device: str | torch.devic
     if missing or unexpected:
         raise KeyError(f"checkpoint {tag_dir}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
     return model.to(device).eval(), meta
+
+
+def is_hf_folder(path: str | Path) -> bool:
+    """An exported Hugging Face folder of a ditmoe model (config.json with model_type "ditmoe")."""
+    config = Path(path) / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == "ditmoe"
 
 
 def load_engine_module_state(tag_dir: Path) -> dict:

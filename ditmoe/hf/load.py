@@ -4,17 +4,11 @@ remote code (for ``tools/sample.py`` and tests)."""
 import json
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 
 from ..model import DiT
 from .configuration_ditmoe import DiTMoEConfig
 from .export import SCHEDULER_FILE
-
-
-def is_hf_folder(path: str | Path) -> bool:
-    config = Path(path) / "config.json"
-    return config.is_file() and json.loads(config.read_text()).get("model_type") == DiTMoEConfig.model_type
 
 
 def load_hf_folder(path: str | Path) -> tuple[DiT, dict]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import SMALL_DIGITS, STEPS, metrics, run_cli, torchrun
+from conftest import run_cli, torchrun
 from ditmoe.inference import load_model
 from ditmoe.model.card import count_parameters
 
