@@ -2,7 +2,6 @@
 feature definitions (pool_3, mixed_6/conv[..., :7] channel-last, unbiased logits), the TF graph's
 resize/normalisation/pooling, and weight loading."""
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
