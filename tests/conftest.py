@@ -1,5 +1,6 @@
 """Shared fixtures: run the real command-line entry points in subprocesses."""
 
+import importlib.util
 import json
 import os
 import socket
@@ -38,6 +39,14 @@ def torchrun(out, *args, nproc=2):
     return run_cli(["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
                     "--master_addr", "127.0.0.1", "-m", "ditmoe.train", *SMALL_DIGITS, *STEPS, *args, "--out", str(out)],
                    env={"OMP_NUM_THREADS": "1"})
+
+
+def load_tool(name: str):
+    """``tools/NAME.py`` as a module, to call its ``main(argv)`` in this process (fast error checks)."""
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_cli(args: list[str], *, check: bool = True, env: dict | None = None, timeout: int = 600):

@@ -4,6 +4,7 @@ the training model's output; weights are read from every checkpoint layout."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import run_cli, torchrun
+from conftest import load_tool, run_cli, torchrun
 from ditmoe.inference import load_model
 from ditmoe.model.card import count_parameters
 
@@ -122,18 +123,22 @@ def test_single_process_model_weights(trained_digits_run, tmp_path):
             assert torch.equal(value, saved[name].float()), name
 
 
+def converter_error(args) -> str:
+    """The ``error: ...`` message the converter exits with (run in this process)."""
+    with pytest.raises(SystemExit) as exit_info:
+        load_tool("convert_ckpt_to_hf").main(args)
+    return str(exit_info.value.code)
+
+
 def test_bad_checkpoints_are_clear_errors(trained_digits_run, tmp_path):
-    proc = run_cli([TOOL, "--ckpt", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")], check=False)
-    assert proc.returncode != 0 and "no such file or directory" in proc.stderr
-    proc = run_cli([TOOL, "--ckpt", str(trained_digits_run), "--tag", "step_00000099", "--out", str(tmp_path / "o")],
-                   check=False)
-    assert proc.returncode != 0 and "no tag 'step_00000099'" in proc.stderr
+    out = ["--out", str(tmp_path / "o")]
+    assert "no such file or directory" in converter_error(["--ckpt", str(tmp_path / "nowhere"), *out])
+    assert "no tag 'step_00000099'" in converter_error(["--ckpt", str(trained_digits_run), "--tag", "step_00000099",
+                                                        *out])
     broken = tmp_path / "broken"
-    subprocess.run(["cp", "-r", str(trained_digits_run / "checkpoints/step_00000004"), str(broken)], check=True)
+    shutil.copytree(trained_digits_run / "checkpoints/step_00000004", broken)
     (broken / "ema.pt").unlink()
-    proc = run_cli([TOOL, "--ckpt", str(broken), "--out", str(tmp_path / "o")], check=False)
-    assert proc.returncode != 0 and "missing ema.pt" in proc.stderr
+    assert "missing ema.pt" in converter_error(["--ckpt", str(broken), *out])
     (broken / "mp_rank_00_model_states.pt").unlink()
-    proc = run_cli([TOOL, "--ckpt", str(broken), "--weights", "model", "--out", str(tmp_path / "o")], check=False)
-    assert proc.returncode != 0 and "missing mp_rank_00_model_states.pt" in proc.stderr
+    assert "missing mp_rank_00_model_states.pt" in converter_error(["--ckpt", str(broken), "--weights", "model", *out])
     assert not (tmp_path / "o").exists()

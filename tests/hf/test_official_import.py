@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_cli
+from conftest import load_tool, run_cli
 from ditmoe.hf.official import convert_state_dict, infer_config
 from ditmoe.inference import load_model
 from ditmoe.model import DiT, get_preset
@@ -165,6 +165,7 @@ def test_facebook_dit_dense_checkpoint(tmp_path):
 
 def test_published_checkpoint_errors(flash_checkpoint, tmp_path):
     _, state, _ = flash_checkpoint
+    tool = load_tool("convert_ckpt_to_hf")
     cases = {
         "unexpected keys for this architecture: ['blocks.0.moe.extra.weight']":
             {**state, "blocks.0.moe.extra.weight": torch.zeros(1)},
@@ -175,11 +176,12 @@ def test_published_checkpoint_errors(flash_checkpoint, tmp_path):
     for message, broken in cases.items():
         path = tmp_path / "broken.pt"
         torch.save(broken, path)
-        proc = run_cli([TOOL, "--from", "official-ditmoe", "--ckpt", str(path), "--out", str(tmp_path / "o")],
-                       check=False)
-        assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-500:]
+        with pytest.raises(SystemExit) as exit_info:
+            tool.main(["--from", "official-ditmoe", "--ckpt", str(path), "--out", str(tmp_path / "o")])
+        assert message in str(exit_info.value.code)
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
-    proc = run_cli([TOOL, "--from", "dit", "--ckpt", str(garbage), "--out", str(tmp_path / "o")], check=False)
-    assert proc.returncode != 0 and "not a readable PyTorch file" in proc.stderr
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main(["--from", "dit", "--ckpt", str(garbage), "--out", str(tmp_path / "o")])
+    assert "not a readable PyTorch file" in str(exit_info.value.code)
     assert not (tmp_path / "o").exists()

@@ -1,6 +1,5 @@
 """Planner: estimates against memory measured on CPU, partitioning arithmetic, errors."""
 
-import importlib.util
 import itertools
 
 import pytest
@@ -15,7 +14,7 @@ from ditmoe.parallel.planner import (
     Layout, check_layout, communication_per_gpu, flops_per_gpu, forward_flops_per_image, memory_per_gpu,
     parameter_split, plan, saved_activation_bytes,
 )
-from conftest import REPO, run_cli
+from conftest import load_tool, run_cli
 
 REDUCED_S = get_preset("DiT-MoE-S/2-8E2A").replace(depth=2, input_size=16)
 
@@ -187,9 +186,7 @@ def test_cli():
     (["--image-size", "500"], "--image-size 500 must be a multiple of 8 x patch size = 16"),
 ])
 def test_cli_errors(changes, message, capsys):
-    spec = importlib.util.spec_from_file_location("plan_tool", REPO / "tools" / "plan.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("plan")
     with pytest.raises(SystemExit) as exit_info:
         tool.main([*G2_ARGS, *changes])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err

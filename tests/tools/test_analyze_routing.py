@@ -5,7 +5,6 @@ hidden 32, depth 2, 4 experts top-2, one channel). Routing has no parameters of 
 expert-choice variant is that checkpoint's EMA weights with ``routing="expert_choice"`` in its meta.
 """
 
-import importlib.util
 import json
 import shutil
 
@@ -14,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, run_cli
+from conftest import load_tool, run_cli
 from ditmoe.model import DiT, DiTConfig
 from ditmoe.train.checkpoint import resolve_checkpoint
 
@@ -85,13 +84,6 @@ def test_analyze_routing_expert_choice(trained_digits_run, tmp_path):
     assert_pngs_readable(out)
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("analyze_routing", REPO / "tools" / "analyze_routing.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
-
-
 @pytest.mark.parametrize("args, message", [
     (["--samples-per-class", "0"], "error: --samples-per-class must be positive, got 0"),
     (["--samples-per-class", "1", "--steps", "-2"], "error: --steps must be positive, got -2"),
@@ -99,11 +91,11 @@ def load_tool():
 ])
 def test_analyze_routing_bad_arguments(trained_digits_run, tmp_path, args, message):
     with pytest.raises(SystemExit, match=message):
-        load_tool().main(["--ckpt", str(trained_digits_run), "--out", str(tmp_path), *args])
+        load_tool("analyze_routing").main(["--ckpt", str(trained_digits_run), "--out", str(tmp_path), *args])
 
 
 def test_analyze_routing_missing_and_dense_checkpoints(trained_digits_run, tmp_path):
-    tool = load_tool()
+    tool = load_tool("analyze_routing")
     with pytest.raises(SystemExit, match="none: no such file or directory"):
         tool.main(["--ckpt", str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--samples-per-class", "1"])
     dense = variant_checkpoint(trained_digits_run, tmp_path / "dense", num_experts=0)

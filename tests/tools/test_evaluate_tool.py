@@ -1,13 +1,12 @@
 """tools/evaluate.py end to end on a few tiny images with a random-weights Inception, and its errors."""
 
-import importlib.util
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_cli
+from conftest import load_tool, run_cli
 from ditmoe.eval.adm_metrics import inception_score
 from ditmoe.eval.frechet import feature_statistics
 from ditmoe.eval.inception import InceptionV3, load_inception
@@ -15,14 +14,7 @@ from ditmoe.eval.inception import InceptionV3, load_inception
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # shared CPU cores: avoids OpenMP oversubscription
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("evaluate_tool", REPO / "tools" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = _load_tool()
+tool = load_tool("evaluate")
 
 
 @pytest.fixture(scope="module")
