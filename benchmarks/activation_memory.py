@@ -18,7 +18,6 @@ a step allocates on top of the weights is activations and backward temporaries. 
 """
 
 import argparse
-import itertools
 import multiprocessing
 import os
 import sys
@@ -28,14 +27,13 @@ from pathlib import Path
 
 import torch
 from torch.autograd.graph import saved_tensors_hooks
-from torch.autograd.profiler import record_function
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ditmoe.diffusion import build_objective  # noqa: E402
 from ditmoe.model import DiT, get_preset  # noqa: E402
 from ditmoe.parallel.activation_checkpointing import apply_activation_checkpointing  # noqa: E402
+from ditmoe.parallel.memory_profile import forward_backward_memory  # noqa: E402
 from ditmoe.parallel.planner import activation_bytes, backward_workspace_bytes, Layout  # noqa: E402
 
 MODES = {"off": 0, "every 2nd block": 2, "every block": 1}
@@ -110,20 +108,17 @@ def measure(preset: str, depth: int, images: int, every: int, seed: int) -> dict
             loss().backward()
             seconds.append(time.perf_counter() - start)
     saved = SavedBytes(model)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+
+    def forward():
         with saved:
-            value = loss()
-        with record_function("backward"):
-            value.backward()
-    events = prof.profiler.kineto_results.events()
-    backward_start = next(e.start_ns() for e in events if e.name() == "backward")
-    memory = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
-    allocated = list(itertools.accumulate(n for _, n in memory))
+            return loss()
+
+    allocated = forward_backward_memory(forward)
     layout = Layout(1, 1, 0, 1, images, every, "fp32")
     return {
         "saved": saved.total,
-        "held": [a for (t, _), a in zip(memory, allocated) if t < backward_start][-1],
-        "peak": max(allocated),
+        "held": allocated["held_after_forward"],
+        "peak": allocated["peak"],
         "rss": rss.extra,
         "seconds": min(seconds),
         "planner": activation_bytes(config, images, 4, every) + backward_workspace_bytes(config, layout),

@@ -17,7 +17,6 @@ the next run with as many ranks overwrites them.
 """
 
 import argparse
-import os
 import sys
 import zipfile
 from pathlib import Path
@@ -31,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ditmoe.diffusion import build_objective  # noqa: E402
 from ditmoe.eval.grid import save_grid  # noqa: E402
 from ditmoe.inference import load_model  # noqa: E402
-from ditmoe.parallel.distributed import export_launcher_env  # noqa: E402
+from ditmoe.parallel.distributed import init_distributed  # noqa: E402
 from ditmoe.sampling import balanced_labels, generate, num_batches, rank_batches, to_uint8_images  # noqa: E402
 
 COPY_ROWS = 256  # images per read while rank 0 copies the parts into the npz
@@ -53,27 +52,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device) from torchrun's (or srun's) environment; a process group (NCCL on GPU,
-    gloo on CPU) only when there are several ranks."""
-    export_launcher_env()
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    device = torch.device("cpu")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    if world > 1:
-        if device.type == "cuda":
-            dist.init_process_group("nccl", device_id=device)
-        else:
-            dist.init_process_group("gloo")
-    return rank, world, device
-
-
 def barrier():
-    """Wait for all ranks (a single process has none to wait for)."""
-    if dist.is_initialized():
-        dist.barrier()
+    """Wait for all ranks."""
+    dist.barrier()
 
 
 def load_in_turn(args, rank: int, device: torch.device):
@@ -186,8 +167,7 @@ def main(argv=None):
     if rank == 0:
         assemble(out, [part_path(out, r, world) for r in range(world) if rank_batches(total, r, world)],
                  labels.numpy(), args.grid, k)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import torch
 from ..model import DiT
 from ..model.card import count_parameters
 from .configuration_ditmoe import DiTMoEConfig
+from .load import SCHEDULER_FILE
 from .modeling_ditmoe import DiTMoEModel
 
 PACKAGE = Path(__file__).resolve().parents[1]
@@ -17,7 +18,6 @@ PACKAGE = Path(__file__).resolve().parents[1]
 REMOTE_CODE = ["hf/configuration_ditmoe.py", "hf/modeling_ditmoe.py", "model/config.py", "model/embeddings.py",
                "model/attention.py", "model/mlp.py", "model/routing.py", "model/moe.py", "model/dit.py"]
 AUTO_MAP = {"AutoConfig": "configuration_ditmoe.DiTMoEConfig", "AutoModel": "modeling_ditmoe.DiTMoEModel"}
-SCHEDULER_FILE = "scheduler_config.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 from ..model import DiT
 from .configuration_ditmoe import DiTMoEConfig
-from .export import SCHEDULER_FILE
+
+SCHEDULER_FILE = "scheduler_config.json"
 
 
 def load_hf_folder(path: str | Path) -> tuple[DiT, dict]:

@@ -66,10 +66,6 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     return all_reduce(values) / dist.get_world_size()
 
 
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    return all_reduce(values)
-
-
 def shutdown_distributed():
     """End a successful multi-rank run: all ranks meet, then exit at once.
 

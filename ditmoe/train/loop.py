@@ -11,7 +11,7 @@ from ..diffusion import build_objective
 from ..model import DiT
 from ..parallel import engine as ds_engine
 from ..parallel.activation_checkpointing import apply_activation_checkpointing
-from ..parallel.distributed import all_reduce_mean, all_reduce_sum, init_distributed
+from ..parallel.distributed import all_reduce, all_reduce_mean, init_distributed
 from ..parallel.expert_parallel import (attach_balance_loss, autoep_config, gather_full_state_dict,
                                         moe_param_groups, validate_ep)
 from . import checkpoint, universal
@@ -167,7 +167,7 @@ def train(config: TrainConfig) -> dict:
 
         if step % config.log_every == 0 or step == config.steps:
             mean = all_reduce_mean(sums) / accumulation
-            loads = all_reduce_sum(loads)
+            loads = all_reduce(loads)
             elapsed = time.perf_counter() - window_start
             record = {
                 "step": step, "loss": mean[0].item(), "mse": mean[1].item(), "vb": mean[2].item(),

@@ -53,37 +53,43 @@ def add_both_names(zero: Path):
     """Every MoE layer's parameters under both ditmoe's and AutoEP's names, so a checkpoint written
     with expert parallelism resumes without it and the other way round."""
     for w1 in sorted(zero.glob("*.experts.w1")):
-        prefix = w1.name.removesuffix(".experts.w1")
-        if not (zero / f"{prefix}.gate.weight").exists():
-            shutil.copytree(zero / f"{prefix}.router.gate.weight", zero / f"{prefix}.gate.weight")
-            _write(zero, f"{prefix}.experts.gate_up_proj", w1,
-                   lambda load: {"param": torch.cat([load("w1"), load("w3")], dim=1), "cat_dim": 0})
-            _write(zero, f"{prefix}.experts.down_proj", w1, lambda load: {"param": load("w2"), "cat_dim": 0})
+        experts = w1.name.removesuffix(".w1")
+        if not (zero / f"{experts}.gate_up_proj").exists():
+            layer = experts.removesuffix(".experts")
+            shutil.copytree(zero / f"{layer}.router.gate.weight", zero / f"{layer}.gate.weight")
+            _convert(zero, experts, ("w1", "w3", "w2"), lambda w1, w3, w2: {
+                "gate_up_proj": {"param": torch.cat([w1, w3], dim=1), "cat_dim": 0},
+                "down_proj": {"param": w2, "cat_dim": 0}})
     for gate_up in sorted(zero.glob("*.experts.gate_up_proj")):
-        prefix = gate_up.name.removesuffix(".experts.gate_up_proj")
-        if not (zero / f"{prefix}.experts.w1").exists():
-            shutil.copytree(zero / f"{prefix}.gate.weight", zero / f"{prefix}.router.gate.weight")
-            for w, source, half in (("w1", "gate_up_proj", 0), ("w3", "gate_up_proj", 1), ("w2", "down_proj", None)):
-                _write(zero, f"{prefix}.experts.{w}", gate_up,
-                       lambda load, source=source, half=half: _expert_state(load(source), half))
+        experts = gate_up.name.removesuffix(".gate_up_proj")
+        if not (zero / f"{experts}.w1").exists():
+            layer = experts.removesuffix(".experts")
+            shutil.copytree(zero / f"{layer}.gate.weight", zero / f"{layer}.router.gate.weight")
+            _convert(zero, experts, ("gate_up_proj", "down_proj"), lambda gate_up, down: {
+                "w1": _expert_state(gate_up.chunk(2, dim=1)[0]),  # gate rows first
+                "w3": _expert_state(gate_up.chunk(2, dim=1)[1]),
+                "w2": _expert_state(down)})
 
 
-def _expert_state(param: torch.Tensor, half: int | None) -> dict:
-    """AutoEP's entry for fused experts (E, ...): ``half`` picks the gate (0) or up (1) rows of gate_up_proj."""
-    if half is not None:
-        param = param.chunk(2, dim=1)[half]
+def _expert_state(param: torch.Tensor) -> dict:
+    """AutoEP's universal entry of fused expert weights (E, ...)."""
     return {"param": param.contiguous(), "cat_dim": 0, "is_expert_param": True, "ep_num_experts": param.shape[0]}
 
 
-def _write(zero: Path, name: str, like: Path, build):
-    """``zero/<name>/<state>.pt`` for every optimizer state; ``build(load)`` gets a loader of the same
-    layer's tensors by short name (``w1``, ``gate_up_proj``, ...)."""
-    layer = like.name.rsplit(".", 1)[0]
-    (zero / name).mkdir()
-    if (like / "step.pt").is_file():  # ZeRO-1/2 store the step per parameter, ZeRO-3 does not
-        shutil.copy2(like / "step.pt", zero / name / "step.pt")
+def _convert(zero: Path, experts: str, sources: tuple[str, ...], build):
+    """For every optimizer state, read the ``sources`` of module ``experts`` once and write the entries
+    ``build(*tensors)`` returns ({short name: entry}) under ``zero/<experts>.<short name>/``."""
+    folders = set()
     for state in STATES:
-        torch.save(build(lambda short: load_param(zero / f"{layer}.{short}" / f"{state}.pt")), zero / name / f"{state}.pt")
+        tensors = [load_param(zero / f"{experts}.{source}" / f"{state}.pt") for source in sources]
+        for target, entry in build(*tensors).items():
+            folders.add(folder := zero / f"{experts}.{target}")
+            folder.mkdir(exist_ok=True)
+            torch.save(entry, folder / f"{state}.pt")
+    step = zero / f"{experts}.{sources[0]}" / "step.pt"  # ZeRO-1/2 store the step per parameter, ZeRO-3 does not
+    if step.is_file():
+        for folder in folders:
+            shutil.copy2(step, folder / "step.pt")
 
 
 def load_param(file: Path) -> torch.Tensor:

@@ -1,15 +1,12 @@
 """Planner: estimates against memory measured on CPU, partitioning arithmetic, errors."""
 
-import itertools
-
 import pytest
 import torch
-from torch.autograd.profiler import record_function
-from torch.profiler import ProfilerActivity, profile
 
 from ditmoe.diffusion import build_objective
 from ditmoe.model import DiT, get_preset
 from ditmoe.parallel.activation_checkpointing import apply_activation_checkpointing
+from ditmoe.parallel.memory_profile import forward_backward_memory
 from ditmoe.parallel.planner import (
     Layout, check_layout, communication_per_gpu, flops_per_gpu, forward_flops_per_image, memory_per_gpu,
     parameter_split, plan, saved_activation_bytes,
@@ -34,22 +31,16 @@ def measure(config, micro_batch: int, act_ckpt: int) -> dict[str, int]:
         p.grad = torch.zeros_like(p)
     x = torch.randn(micro_batch, config.in_channels, config.input_size, config.input_size)
     y = torch.randint(0, config.num_classes, (micro_batch,))
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        loss = build_objective("ddpm").training_losses(model, x, y)["loss"].mean() + model.balance_loss()
-        with record_function("backward"):
-            loss.backward()
-    events = prof.profiler.kineto_results.events()
-    backward_start = next(e.start_ns() for e in events if e.name() == "backward")
-    memory = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
-    allocated = list(itertools.accumulate(n for _, n in memory))
+    allocated = forward_backward_memory(
+        lambda: build_objective("ddpm").training_losses(model, x, y)["loss"].mean() + model.balance_loss())
     optimizer = torch.optim.AdamW(model.parameters())
     optimizer.step()
     return {
         "parameters": nbytes(model.parameters()) + nbytes(model.buffers()),
         "gradients": nbytes(p.grad for p in model.parameters()),
         "optimizer": nbytes(t for state in optimizer.state.values() for k, t in state.items() if k != "step"),
-        "held_after_forward": [a for (t, _), a in zip(memory, allocated) if t < backward_start][-1],
-        "peak_extra": max(allocated),
+        "held_after_forward": allocated["held_after_forward"],
+        "peak_extra": allocated["peak"],
     }
 
 
