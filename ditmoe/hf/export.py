@@ -2,21 +2,18 @@
 modeling code, the diffusion schedule and a model card."""
 
 import json
-import re
 from pathlib import Path
 
 import torch
 
 from ..model import DiT
 from ..model.card import count_parameters
+from ..weights import hf
 from .configuration_ditmoe import DiTMoEConfig
 from .load import SCHEDULER_FILE
 from .modeling_ditmoe import DiTMoEModel
+from .remote_code import write_remote_code
 
-PACKAGE = Path(__file__).resolve().parents[1]
-# The remote code: the HF wrappers plus the single-device model package they import, file for file.
-REMOTE_CODE = ["hf/configuration_ditmoe.py", "hf/modeling_ditmoe.py", "model/config.py", "model/embeddings.py",
-               "model/attention.py", "model/mlp.py", "model/routing.py", "model/moe.py", "model/dit.py"]
 AUTO_MAP = {"AutoConfig": "configuration_ditmoe.DiTMoEConfig", "AutoModel": "modeling_ditmoe.DiTMoEModel"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -42,12 +39,10 @@ def export(model: DiT, out: str | Path, *, objective: str, dtype: str = "fp32", 
     out.mkdir(parents=True, exist_ok=True)
     config = DiTMoEConfig.from_dit_config(model.config, auto_map=AUTO_MAP)
     hf_model = DiTMoEModel(config)
-    hf_model.dit.load_state_dict(model.state_dict())
+    hf_model.load_state_dict(hf.from_ditmoe(model.state_dict()))
     hf_model.to(DTYPES[dtype])
     hf_model.save_pretrained(out, max_shard_size=max_shard_size)
-    for relative in REMOTE_CODE:
-        code = (PACKAGE / relative).read_text()
-        (out / Path(relative).name).write_text(re.sub(r"from \.\.model\.(\w+) import", r"from .\1 import", code))
+    write_remote_code(out)
     schedule = diffusion_config(objective, model.config.learn_sigma)
     (out / SCHEDULER_FILE).write_text(json.dumps(schedule, indent=2) + "\n")
     params = count_parameters(model.config)
@@ -64,9 +59,11 @@ def model_card(config: DiTMoEConfig, schedule: dict, params: dict, dtype: str, s
         routing = (f"top-{dit.top_k}" if dit.routing == "token_choice"
                    else f"capacity factor {dit.capacity_factor}")
         moe_rows = (f"| routed experts | {dit.num_experts} ({routing}), SwiGLU width {config.expert_hidden_size} |\n"
-                    f"| shared experts | {dit.num_shared_experts}, total SwiGLU width {config.shared_expert_hidden_size} |\n"
+                    f"| shared experts | {dit.num_shared_experts}, "
+                    f"total SwiGLU width {config.shared_expert_hidden_size} |\n"
                     f"| MoE placement | {dit.moe_placement}; balance-loss α {dit.balance_loss_alpha} |\n")
     sampler = "--sampler ddpm --steps 250" if schedule["objective"] == "ddpm" else "--sampler euler --steps 50"
+    latents = f"{dit.in_channels}×{dit.input_size}×{dit.input_size}"
     return f"""---
 library_name: transformers
 pipeline_tag: unconditional-image-generation
@@ -84,7 +81,7 @@ Exported by ditmoe{f' from `{source}`' if source else ''}. Weights in {dtype}.
 | | |
 |---|---|
 | parameters | {params['total'] / 1e6:.2f} M total, {params['activated'] / 1e6:.2f} M activated per token |
-| input | latents {dit.in_channels}×{dit.input_size}×{dit.input_size}, patch {dit.patch_size}, {dit.num_classes} classes |
+| input | latents {latents}, patch {dit.patch_size}, {dit.num_classes} classes |
 | transformer | depth {dit.depth}, width {dit.hidden_size}, {dit.num_heads} heads, q/k norm {dit.qk_norm} |
 {moe_rows}| objective | {schedule['objective']} (see `{SCHEDULER_FILE}`), learned σ {dit.learn_sigma} |
 

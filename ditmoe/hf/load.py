@@ -7,6 +7,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from ..model import DiT
+from ..weights import hf
 from .configuration_ditmoe import DiTMoEConfig
 
 SCHEDULER_FILE = "scheduler_config.json"
@@ -17,15 +18,16 @@ def load_hf_folder(path: str | Path) -> tuple[DiT, dict]:
     path = Path(path)
     config = DiTMoEConfig.from_json_file(path / "config.json")
     index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    files = ["model.safetensors"]
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     state = {}
     for name in files:
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path}: missing weight file {name}")
         state.update(load_file(path / name))
     model = DiT(config.to_dit_config())
-    prefix = "dit."
-    weights = {k.removeprefix(prefix): v.float() for k, v in state.items()}
+    weights = {k: v.float() for k, v in hf.to_ditmoe(state).items()}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if k != "pos_embed"]
     if missing or unexpected:

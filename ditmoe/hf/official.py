@@ -1,11 +1,6 @@
 """Import published checkpoints: the official DiT-MoE ``.pt`` files (feizc/DiT-MoE) and
 facebookresearch DiT ``.pt`` files, into ditmoe's model (config inferred from the tensor shapes).
-
-Official DiT-MoE layout, per block ``i``: ``blocks.i.moe.gate.weight`` (E, D), routed experts
-``blocks.i.moe.experts.j.{gate,up,down}_proj.weight`` (one SwiGLU each, no bias) and
-``blocks.i.moe.shared_experts.*``; attention ``attn.qkv``/``attn.proj`` (timm), or in the
-flash-attention layout of the XL/G checkpoints ``attn.Wqkv``, per-head ``attn.q_norm``/``attn.k_norm``
-LayerNorms and ``attn.out_proj``. DiT's blocks have a dense ``mlp.fc1``/``mlp.fc2`` instead.
+Their key layouts and the renaming live in ``ditmoe.weights.official_ditmoe`` and ``ditmoe.weights.dit``.
 """
 
 import re
@@ -14,12 +9,13 @@ from pathlib import Path
 import torch
 
 from ..model import DiT, DiTConfig
-from ..model.embeddings import sincos_2d
+from ..weights import dit, official_ditmoe
 
-SOURCES = ("official-ditmoe", "dit")
+# --from name -> the adapter of its key layout
+ADAPTERS = {"official-ditmoe": official_ditmoe, "dit": dit}
+SOURCES = tuple(ADAPTERS)
 # Heads of the published sizes (hidden width -> heads); the shapes do not tell them without q/k norms.
 HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1152: 16, 1408: 16}
-ATTENTION_RENAMES = {"Wqkv": "qkv", "out_proj": "proj"}
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -68,52 +64,12 @@ def infer_config(state: dict[str, torch.Tensor], source: str, *, num_heads: int 
                      shared_expert_ratio=0.0 if shared is None else shared.shape[0] / (2 * hidden))
 
 
-def convert_state_dict(state: dict[str, torch.Tensor], config: DiTConfig) -> dict[str, torch.Tensor]:
-    """Rename and fuse the published tensors into ditmoe's names; every input key must be used."""
-    used, out = set(), {}
-
-    def take(key: str) -> torch.Tensor:
-        used.add(key)
-        return _require(state, key).float()
-
-    for key in state:
-        block = re.match(r"(blocks\.\d+)\.(attn|moe|mlp)\.(.+)", key)
-        if block is None:
-            if key != "pos_embed":
-                out[key] = take(key)
-            continue
-        prefix, part, rest = block.groups()
-        if part == "attn":
-            layer, _, leaf = rest.partition(".")
-            out[f"{prefix}.attn.{ATTENTION_RENAMES.get(layer, layer)}.{leaf}"] = take(key)
-        elif part == "mlp":
-            out[f"{prefix}.mlp.{rest}"] = take(key)
-        elif rest == "gate.weight" or rest.startswith("shared_experts."):
-            out[f"{prefix}.mlp.{rest}"] = take(key)
-    for i in range(config.depth):
-        if not config.moe_in_block(i):
-            continue
-        experts = range(config.num_experts)
-        proj = {w: torch.stack([take(f"blocks.{i}.moe.experts.{j}.{w}.weight") for j in experts])
-                for w in ("gate_proj", "up_proj", "down_proj")}
-        out[f"blocks.{i}.mlp.experts.gate_up_proj"] = torch.cat([proj["gate_proj"], proj["up_proj"]], dim=1)
-        out[f"blocks.{i}.mlp.experts.down_proj"] = proj["down_proj"]
-    unused = sorted(set(state) - used - {"pos_embed"})
-    if unused:
-        raise KeyError(f"unexpected keys for this architecture: {unused[:8]}")
-    pos_embed = state.get("pos_embed")
-    expected = sincos_2d(config.hidden_size, config.input_size // config.patch_size)
-    if pos_embed is not None and not torch.allclose(pos_embed.float().reshape(expected.shape), expected, atol=1e-4):
-        raise ValueError("the checkpoint's pos_embed is not the 2-D sin-cos table ditmoe computes")
-    return out
-
-
 def load_published(path: str | Path, source: str, *, num_heads: int | None = None, top_k: int = 2) -> DiT:
     """A ditmoe DiT holding a published checkpoint's weights (eval mode)."""
     state = read_state_dict(path)
     config = infer_config(state, source, num_heads=num_heads, top_k=top_k)
     model = DiT(config)
-    converted = convert_state_dict(state, config)
+    converted = ADAPTERS[source].to_ditmoe(state)
     missing, unexpected = model.load_state_dict(converted, strict=False)
     missing = [k for k in missing if k != "pos_embed"]
     if missing or unexpected:

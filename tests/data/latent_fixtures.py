@@ -14,8 +14,8 @@ def indexed_latents(n, shape=(2, 4, 4), flip=True, std=0.0):
     return mean, kw
 
 
-@pytest.fixture
-def make_dataset(tmp_path):
+@pytest.fixture(name="make_dataset")
+def make_dataset_fixture(tmp_path):
     """``make_dataset(n, samples_per_shard, ...) -> root`` of a dataset whose sample i has mean i."""
     def make(n=50, samples_per_shard=8, flip=True, std=0.0, scaling_factor=1.0, name="latents"):
         mean, kw = indexed_latents(n, flip=flip, std=std)

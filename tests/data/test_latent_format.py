@@ -9,7 +9,7 @@ from ditmoe.data import ManifestError, write_latent_dataset
 from ditmoe.data.latent_format import (
     MANIFEST, CorruptShardError, RecordReader, ShardWriter, read_manifest, record_size, verify_shards,
 )
-from latent_fixtures import make_dataset  # noqa: F401 (pytest fixture)
+from latent_fixtures import make_dataset_fixture  # noqa: F401 (pytest fixture)
 
 
 def test_roundtrip_and_fixed_records(make_dataset):

@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import load_tool, run_cli
-from ditmoe.hf.official import convert_state_dict, infer_config
+from ditmoe.hf.official import infer_config
 from ditmoe.inference import load_model
 from ditmoe.model import DiT, get_preset
+from ditmoe.weights import official_ditmoe
 
 TOOL = "tools/convert_ckpt_to_hf.py"
 
@@ -118,7 +119,7 @@ def test_conversion_follows_the_official_semantics(flash_checkpoint):
     assert (config.num_experts, config.top_k, config.qk_norm, config.num_heads) == (4, 2, True, 2)
     assert (config.expert_hidden, config.shared_hidden, config.depth, config.in_channels) == (128, 64, 2, 4)
     model = DiT(config).eval()
-    model.load_state_dict(convert_state_dict(state, config), strict=False)
+    model.load_state_dict(official_ditmoe.to_ditmoe(state), strict=False)
     x = torch.randn(16, 32)
     with torch.no_grad():
         torch.testing.assert_close(model.blocks[1].mlp(x[None])[0], official_moe(state, "blocks.1.moe", x, 2),
