@@ -20,21 +20,17 @@ a step allocates on top of the weights is activations and backward temporaries. 
 import argparse
 import multiprocessing
 import os
-import sys
 import threading
 import time
-from pathlib import Path
 
 import torch
 from torch.autograd.graph import saved_tensors_hooks
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ditmoe.diffusion import build_objective  # noqa: E402
-from ditmoe.model import DiT, get_preset  # noqa: E402
-from ditmoe.parallel.activation_checkpointing import apply_activation_checkpointing  # noqa: E402
-from ditmoe.parallel.memory_profile import forward_backward_memory  # noqa: E402
-from ditmoe.parallel.planner import activation_bytes, backward_workspace_bytes, Layout  # noqa: E402
+from ditmoe.diffusion import build_objective
+from ditmoe.model import DiT, get_preset
+from ditmoe.parallel.activation_checkpointing import apply_activation_checkpointing
+from ditmoe.parallel.memory_profile import forward_backward_memory
+from ditmoe.parallel.planner import Layout, activation_bytes, backward_workspace_bytes
 
 MODES = {"off": 0, "every 2nd block": 2, "every block": 1}
 MB = 1e6

@@ -12,19 +12,15 @@ two), wall time is the sampling alone, then ``cond_accuracy`` and the feature-sp
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ditmoe.data.digits import digits_arrays, latents_to_pixels  # noqa: E402
-from ditmoe.diffusion import GaussianDiffusion, build_objective  # noqa: E402
-from ditmoe.eval.digits import (conditional_accuracy, digits_fid, train_digits_classifier,  # noqa: E402
-                                train_digits_feature_extractor)
-from ditmoe.inference import load_model  # noqa: E402
-from ditmoe.sampling import generate  # noqa: E402
+from ditmoe.data.digits import digits_arrays, latents_to_pixels
+from ditmoe.diffusion import GaussianDiffusion, build_objective
+from ditmoe.eval.digits import conditional_accuracy, digits_fid, train_digits_classifier, train_digits_feature_extractor
+from ditmoe.inference import load_model
+from ditmoe.sampling import generate
 
 SAMPLERS = (("ddpm", 250), ("ddim", 50), ("dpm_solver++", 20))
 

@@ -9,7 +9,6 @@ per GPU (an input here, not measured); the ratio shows the headroom of the loade
 """
 
 import argparse
-import sys
 import tempfile
 import time
 from itertools import islice
@@ -17,9 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ditmoe.data import LatentLoader, write_latent_dataset  # noqa: E402
+from ditmoe.data import LatentLoader, write_latent_dataset
 
 
 def synthetic(root, num_samples, shape):

@@ -8,18 +8,13 @@ token as the MoE layer's routed and shared experts; the ratio shows the cost of 
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ditmoe.model import get_preset  # noqa: E402
-from ditmoe.model.mlp import SwiGLU  # noqa: E402
-from ditmoe.model.moe import MoEFeedForward  # noqa: E402
-
+from ditmoe.model import get_preset
+from ditmoe.model.mlp import SwiGLU
+from ditmoe.model.moe import MoEFeedForward
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -7,19 +7,16 @@ Synthetic photo-like JPEGs in several size classes are written as a WebDataset s
 """
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ditmoe.data.image_shards import expand_shards  # noqa: E402
-from ditmoe.data.precompute import Precompute, Settings  # noqa: E402
-from ditmoe.data.preprocess import pil_preprocess, plan_resize, probe_image  # noqa: E402
-from ditmoe.data.synthetic import encode_image, natural_image, save_tiny_vae, write_tar  # noqa: E402
+from ditmoe.data.image_shards import expand_shards
+from ditmoe.data.precompute import Precompute, Settings
+from ditmoe.data.preprocess import pil_preprocess, plan_resize, probe_image
+from ditmoe.data.synthetic import encode_image, natural_image, save_tiny_vae, write_tar
 
 # (name, (height, width) choices): by the number of ADM box halvings at resolution 256
 SIZE_CLASSES = [

@@ -19,12 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from ditmoe.data import write_latent_dataset
+from ditmoe.model import get_preset
+from ditmoe.model.card import model_card
 
-from ditmoe.data import write_latent_dataset  # noqa: E402
-from ditmoe.model import get_preset  # noqa: E402
-from ditmoe.model.card import model_card  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv=None):

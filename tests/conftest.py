@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,20 +25,43 @@ SMALL_DIGITS = [
 STEPS = ["--steps", "5", "--seed", "3", "--set", "lr=3e-3"]
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports free on 127.0.0.1 (all bound at once, then released)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free on 127.0.0.1."""
+    return free_ports(1)[0]
 
 
 def metrics(out) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    """The records of ``out/metrics.jsonl``; [] while the run has not written it yet."""
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The CPU cores are shared: one intra-op thread for this module avoids OpenMP oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def torchrun(out, *args, nproc=2):
     """The SMALL_DIGITS + STEPS run on ``nproc`` real ranks (gloo), extra ``args`` last."""
-    return run_cli(["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-                    "--master_addr", "127.0.0.1", "-m", "ditmoe.train", *SMALL_DIGITS, *STEPS, *args, "--out", str(out)],
+    launch = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
+              "--master_addr", "127.0.0.1"]
+    return run_cli([*launch, "-m", "ditmoe.train", *SMALL_DIGITS, *STEPS, *args, "--out", str(out)],
                    env={"OMP_NUM_THREADS": "1"})
 
 
@@ -55,7 +79,8 @@ def run_cli(args: list[str], *, check: bool = True, env: dict | None = None, tim
     proc = subprocess.run([sys.executable, *args], cwd=REPO, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        output = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{output}")
     return proc
 
 

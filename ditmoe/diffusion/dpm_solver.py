@@ -20,7 +20,7 @@ overshoots; on Gaussian data it is then less accurate than DDIM (tests/diffusion
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -29,10 +29,19 @@ from tqdm.auto import tqdm
 
 from .guidance import Model
 
-if TYPE_CHECKING:
-    from .gaussian import GaussianDiffusion
-
 ORDERS = (1, 2)
+
+
+class EpsProcess(Protocol):
+    """What the solver needs of a discrete eps-prediction process (GaussianDiffusion is one)."""
+
+    alphas_cumprod: np.ndarray  # (T,) float64
+
+    def model_timesteps(self, t: Tensor) -> Tensor: ...
+
+    def split_output(self, model_out: Tensor, channels: int) -> tuple[Tensor, Tensor | None]: ...
+
+    def predict_xstart_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor: ...
 
 
 def logsnr_timesteps(alphas_cumprod: np.ndarray, steps: int) -> np.ndarray:
@@ -68,7 +77,7 @@ def _coefficients(alphas_cumprod: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
 
 
 def dpm_solver_sample(
-    diffusion: GaussianDiffusion,
+    diffusion: EpsProcess,
     model: Model,
     noise: Tensor,
     y: Tensor,

@@ -24,6 +24,7 @@ Sampling runs on a respaced process; the model always receives the ORIGINAL time
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -31,12 +32,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .dpm_solver import dpm_solver_sample, logsnr_timesteps
-from .guidance import ClassifierFreeGuidance, Model
+from .guidance import Model
 from .losses import discretized_gaussian_log_likelihood, normal_kl
+from .objective import Objective
 from .schedule import linear_betas
 from .schedule import respace as respace_schedule
-
-_DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm_solver++": 20}
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -55,8 +55,12 @@ def _mean_flat(x: Tensor) -> Tensor:
     return x.mean(dim=tuple(range(1, x.ndim)))
 
 
-class GaussianDiffusion:
-    """Discrete-time DDPM objective and samplers (ancestral DDPM and DDIM)."""
+class GaussianDiffusion(Objective):
+    """Discrete-time DDPM objective and samplers: ancestral DDPM (default, 250 steps), DDIM (50) and
+    DPM-Solver++ (20)."""
+
+    samplers: ClassVar[dict[str, int]] = {"ddpm": 250, "ddim": 50, "dpm_solver++": 20}
+    default_sampler: ClassVar[str] = "ddpm"
 
     def __init__(
         self,
@@ -125,7 +129,9 @@ class GaussianDiffusion:
             noise = torch.randn_like(x0)
         work = _work_dtype(x0.dtype)
         x0w, noisew = x0.to(work), noise.to(work)
-        x_t = _gather(self.sqrt_alphas_cumprod, t, x0w) * x0w + _gather(self.sqrt_one_minus_alphas_cumprod, t, x0w) * noisew
+        signal = _gather(self.sqrt_alphas_cumprod, t, x0w)
+        noise_scale = _gather(self.sqrt_one_minus_alphas_cumprod, t, x0w)
+        x_t = signal * x0w + noise_scale * noisew
         return x_t.to(x0.dtype)
 
     def q_posterior_mean_variance(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -139,7 +145,8 @@ class GaussianDiffusion:
 
     def predict_xstart_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
-        return _gather(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - _gather(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+        recip = _gather(self.sqrt_recip_alphas_cumprod, t, x_t)
+        return recip * x_t - _gather(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
 
     def predict_eps_from_xstart(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
         """Inverse of :meth:`predict_xstart_from_eps`."""
@@ -250,34 +257,12 @@ class GaussianDiffusion:
             x_prev = x_prev + sigma * torch.randn_like(x_prev)
         return x_prev.to(x.dtype)
 
-    @torch.no_grad()
-    def sample(
-        self,
-        model: Model,
-        noise: Tensor,
-        y: Tensor,
-        *,
-        cfg_scale: float = 1.0,
-        num_classes: int,
-        guide_channels: int | None = None,
-        sampler: str = "ddpm",
-        steps: int | None = None,
-        eta: float = 0.0,
-        progress: bool = False,
-        clip_denoised: bool = False,
+    def _run_sampler(
+        self, net: Model, noise: Tensor, y: Tensor, sampler: str, steps: int, *, eta: float, clip_denoised: bool,
+        progress: bool
     ) -> Tensor:
-        """Generate x_0 (N, C, H, W) from x_T = ``noise`` with labels ``y`` (N,).
-
-        ``sampler="ddpm"`` (default 250 steps, evenly strided), ``"ddim"`` (default 50 steps,
-        ``ddimK`` striding, stochasticity ``eta``) or ``"dpm_solver++"`` (2nd-order multistep, default
-        20 steps uniform in log-SNR, deterministic). CFG uses ``num_classes`` as the null label.
-        """
-        if sampler not in _DEFAULT_STEPS:
-            raise ValueError(
-                f"sampler={sampler!r} is not supported by GaussianDiffusion; valid choices: {sorted(_DEFAULT_STEPS)}"
-            )
-        steps = _DEFAULT_STEPS[sampler] if steps is None else steps
-        net = ClassifierFreeGuidance(model, cfg_scale, null_label=num_classes, guide_channels=guide_channels)
+        """``"ddpm"`` (evenly strided), ``"ddim"`` (``ddimK`` striding, stochasticity ``eta``) or
+        ``"dpm_solver++"`` (2nd-order multistep, uniform in log-SNR, deterministic)."""
         if sampler == "dpm_solver++":
             timesteps = logsnr_timesteps(self.alphas_cumprod, steps)
             return dpm_solver_sample(self, net, noise, y, timesteps, clip_denoised=clip_denoised, progress=progress)

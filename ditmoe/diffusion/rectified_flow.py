@@ -15,11 +15,14 @@ first C channels are the velocity and the rest are ignored.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .guidance import ClassifierFreeGuidance, Model
+from .guidance import Model
+from .objective import Objective
 
 
 def _bcast(t: Tensor, ref: Tensor) -> Tensor:
@@ -27,8 +30,11 @@ def _bcast(t: Tensor, ref: Tensor) -> Tensor:
     return t.reshape(-1, *([1] * (ref.ndim - 1)))
 
 
-class RectifiedFlow:
-    """Velocity-matching flow objective between data (t=0) and Gaussian noise (t=1)."""
+class RectifiedFlow(Objective):
+    """Velocity-matching flow objective between data (t=0) and Gaussian noise (t=1); Euler sampler (50 steps)."""
+
+    samplers: ClassVar[dict[str, int]] = {"euler": 50}
+    default_sampler: ClassVar[str] = "euler"
 
     def __init__(self, time_scale: float = 1.0, logit_mean: float = 0.0, logit_std: float = 1.0):
         if logit_std <= 0:
@@ -77,32 +83,16 @@ class RectifiedFlow:
         mse = ((target - v_pred) ** 2).mean(dim=tuple(range(1, x0.ndim)))
         return {"loss": mse, "mse": mse, "vb": torch.zeros_like(mse)}
 
-    @torch.no_grad()
-    def sample(
-        self,
-        model: Model,
-        noise: Tensor,
-        y: Tensor,
-        *,
-        cfg_scale: float = 1.0,
-        num_classes: int,
-        guide_channels: int | None = None,
-        sampler: str = "euler",
-        steps: int | None = None,
-        eta: float = 0.0,
-        progress: bool = False,
+    def _run_sampler(
+        self, net: Model, noise: Tensor, y: Tensor, sampler: str, steps: int, *, eta: float, clip_denoised: bool,
+        progress: bool
     ) -> Tensor:
-        """Integrate dx/dt = v from t=1 (``noise``) to t=0 with ``steps`` Euler steps (default 50).
-
-        The velocity is evaluated at t = k/steps for k = steps..1. ``eta`` is accepted for interface
-        compatibility and unused (the sampler is deterministic). Returns x_0 in noise's dtype.
-        """
-        if sampler != "euler":
-            raise ValueError(f"sampler={sampler!r} is not supported by RectifiedFlow; valid choices: ['euler']")
-        steps = 50 if steps is None else steps
+        """Integrate dx/dt = v from t=1 (``noise``) to t=0 with ``steps`` Euler steps, evaluating the
+        velocity at t = k/steps for k = steps..1. Deterministic: ``eta`` is unused."""
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
-        net = ClassifierFreeGuidance(model, cfg_scale, null_label=num_classes, guide_channels=guide_channels)
+        if clip_denoised:
+            raise ValueError("clip_denoised=True is not supported by RectifiedFlow")
         work = torch.promote_types(noise.dtype, torch.float32)
         x = noise.to(work)
         dt = 1.0 / steps

@@ -13,13 +13,7 @@ from ditmoe.sampling import generate
 STEPS = 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread avoids spinning against other processes on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: no spinning against other processes
 
 
 def sample_and_record(preset: str, batches: list[torch.Tensor], cfg_scale: float = 1.5):

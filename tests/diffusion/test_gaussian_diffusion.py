@@ -176,5 +176,6 @@ def test_vb_gradient_only_reaches_variance_channels():
 def test_training_losses_bf16_inputs():
     torch.manual_seed(0)
     x0 = torch.randn(2, 4, 4, 4, dtype=torch.bfloat16)
-    out = GaussianDiffusion().training_losses(lambda x, t, y: torch.cat([x, x], 1), x0, torch.zeros(2, dtype=torch.long))
+    y = torch.zeros(2, dtype=torch.long)
+    out = GaussianDiffusion().training_losses(lambda x, t, y: torch.cat([x, x], 1), x0, y)
     assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"]).all()

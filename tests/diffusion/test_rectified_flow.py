@@ -15,7 +15,8 @@ def test_interpolation_and_target():
     noise = torch.tensor([[[[0.5]]], [[[3.0]]]], dtype=F64)
     t = torch.tensor([0.25, 0.9], dtype=F64)
     x_t = RectifiedFlow.interpolate(x0, noise, t)
-    torch.testing.assert_close(x_t.flatten(), torch.tensor([0.75 * 2.0 + 0.25 * 0.5, 0.1 * -1.0 + 0.9 * 3.0], dtype=F64))
+    expected = torch.tensor([0.75 * 2.0 + 0.25 * 0.5, 0.1 * -1.0 + 0.9 * 3.0], dtype=F64)
+    torch.testing.assert_close(x_t.flatten(), expected)
     torch.testing.assert_close(RectifiedFlow.velocity_target(x0, noise).flatten(), torch.tensor([-1.5, 4.0], dtype=F64))
 
 

@@ -8,14 +8,7 @@ import torch.nn.functional as F
 
 from ditmoe.eval.inception import InceptionV3, load_inception, resize_bilinear_tf1
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The CPU cores are shared: one intra-op thread avoids OpenMP oversubscription (much faster here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # much faster on the shared CPU cores
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from conftest import free_ports
+
 REPO = Path(__file__).resolve().parents[2]
 INSTALL = REPO / ".ci" / "install_slurm.sh"
 DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel")
@@ -41,17 +43,6 @@ def unavailable_reason() -> str | None:
     if proc.returncode != 0:
         return f"installing SLURM with {INSTALL} failed:\n{(proc.stdout + proc.stderr)[-2000:]}"
     return None
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 class SlurmCluster:

@@ -1,7 +1,6 @@
 """slurm/*.sbatch submitted unchanged to a real SLURM: two virtual nodes on this host, one CPU task on
 each (gloo), the small configs selected through environment variables and sbatch options only."""
 
-import json
 import subprocess
 import sys
 import time
@@ -9,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, SMALL_DIGITS
+from conftest import REPO, SMALL_DIGITS, metrics
 from ditmoe.data.latent_format import read_manifest
 from ditmoe.data.synthetic import save_tiny_vae, varied_samples, write_tar
 from slurm_cluster import SlurmCluster, unavailable_reason
@@ -34,11 +33,6 @@ def tiny_env(out):
         "GLOBAL_BATCH": "16", "PRECISION": "fp32", "DS_CONFIG": "", "EP_SIZE": "", "INPUT_SIZE": "",
         "EXTRA_ARGS": " ".join([*SMALL_DIGITS[SMALL_DIGITS.index("--set"):], "--set", "ckpt_every=1000"]),
     }
-
-
-def metrics(out):
-    path = out / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def submit(cluster, script, env, tmp_path, args=SBATCH_ARGS):
