@@ -3,24 +3,25 @@
     python tools/model_card.py --preset DiT-MoE-G/2-16E2A [--json] [--set routing=expert_choice ...]
 """
 
-import argparse
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ditmoe.config_overrides import apply_overrides  # noqa: E402
-from ditmoe.model import PRESETS, get_preset  # noqa: E402
-from ditmoe.model.card import model_card  # noqa: E402
+from ditmoe.cli import make_parser
+from ditmoe.model import PRESETS, get_preset
+from ditmoe.model.card import model_card
+from ditmoe.settings import apply_overrides
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    parser = make_parser(__doc__)
     parser.add_argument("--preset", help="model preset name (see --list)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a model config field")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--list", action="store_true", help="list the preset names")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.list:
         print("\n".join(PRESETS))

@@ -1,56 +1,49 @@
 """Precompute VAE latents from WebDataset image shards.
 
-    python tools/precompute_latents.py --input 'train-{000000..000146}.tar' --output DIR \
+    python tools/precompute_latents.py --input 'train-{000000..000146}.tar' --out DIR \\
         --resolution 256 --vae stabilityai/sd-vae-ft-ema [--batch-size 64] [--workers 8]
 
 Run one process per GPU with torchrun or srun to split the shards over ranks; rerun to resume.
 See docs/data_pipeline.md for the output format.
 """
 
-import argparse
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-from ditmoe.data.image_shards import expand_shards  # noqa: E402
-from ditmoe.data.precompute import Precompute, Settings, rank_from_env  # noqa: E402
+from ditmoe.cli import Positive, make_parser, user_errors
+from ditmoe.data.image_shards import expand_shards
+from ditmoe.data.precompute import Precompute, Settings, rank_from_env
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = make_parser(__doc__)
     p.add_argument("--input", nargs="+", required=True, help="input shard paths; {a..b} brace patterns expand")
-    p.add_argument("--output", required=True, type=Path, help="output directory for latent shards + manifest")
-    p.add_argument("--resolution", type=int, choices=(256, 512), required=True)
+    p.add_argument("--out", required=True, type=Path, aliases=["--output"],
+                   help="output directory for latent shards + manifest")
+    p.add_argument("--resolution", type=int, choices=(256, 512), required=True, help="image size in pixels")
     p.add_argument("--vae", required=True, help="diffusers AutoencoderKL: hub id or local directory")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decode threads")
+    p.add_argument("--batch-size", action=Positive, default=32, help="images per VAE forward (default 32)")
+    p.add_argument("--workers", action=Positive, default=min(8, os.cpu_count() or 1), help="decode threads")
     p.add_argument("--decoder", choices=("dali", "pil"), default=None,
                    help="default: dali with --device cuda, pil on cpu (faster there, see docs/data_pipeline.md)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
-    if args.batch_size < 1 or args.workers < 1:
-        p.error("--batch-size and --workers must be >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device visible")
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.decoder = args.decoder or ("dali" if args.device == "cuda" else "pil")
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device visible")
-    decoder = args.decoder or ("dali" if device == "cuda" else "pil")
-    try:
-        rank, world_size, local_rank = rank_from_env()
-        settings = Settings(inputs=expand_shards(args.input), output=args.output, resolution=args.resolution,
-                            vae=args.vae, batch_size=args.batch_size, workers=args.workers, decoder=decoder,
-                            device=device)
-        totals = Precompute(settings, rank, world_size, local_rank).run()
-    except (OSError, ValueError, ImportError) as e:  # bad input, settings or environment: no traceback
-        sys.exit(f"precompute_latents: error: {e}")
+def print_summary(totals: dict, rank: int, world_size: int, out: Path):
+    """This rank's counts and, from the last rank to finish, the dataset's."""
     rate = totals["read"] / max(totals["seconds"], 1e-9)
     print(f"rank {rank}/{world_size}: {totals['shards']} shards ({totals['skipped']} already done), "
           f"read {totals['read']} = written {totals['written']} + rejected {totals['rejected']}, "
@@ -58,14 +51,25 @@ def main(argv=None):
     manifest = totals["manifest"]
     if manifest is None:
         print("other ranks still running: the last one to finish writes the manifest (rerun to retry)")
-    else:
-        c = manifest["counts"]
-        print(f"dataset complete: {manifest['num_samples']} samples in {len(manifest['shards'])} shards; "
-              f"read {c['read']} = written {c['written']} + rejected {c['rejected']}; "
-              f"{args.output / 'manifest.json'}, rejects in {args.output / 'rejects.jsonl'}")
-        for shard in manifest["shards"]:
-            if shard["tar_error"]:
-                print(f"warning: {shard['source']}: {shard['tar_error']}")
+        return
+    c = manifest["counts"]
+    print(f"dataset complete: {manifest['num_samples']} samples in {len(manifest['shards'])} shards; "
+          f"read {c['read']} = written {c['written']} + rejected {c['rejected']}; "
+          f"{out / 'manifest.json'}, rejects in {out / 'rejects.jsonl'}")
+    for shard in manifest["shards"]:
+        if shard["tar_error"]:
+            print(f"warning: {shard['source']}: {shard['tar_error']}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with user_errors(ImportError):  # bad input, settings or environment (no DALI): no traceback
+        rank, world_size, local_rank = rank_from_env()
+        settings = Settings(inputs=expand_shards(args.input), output=args.out, resolution=args.resolution,
+                            vae=args.vae, batch_size=args.batch_size, workers=args.workers, decoder=args.decoder,
+                            device=args.device)
+        totals = Precompute(settings, rank, world_size, local_rank).run()
+    print_summary(totals, rank, world_size, args.out)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ off by 1-3 on average (see docs/data_pipeline.md).
 
 import numpy as np
 import torch
-
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import feed_ndarray
 

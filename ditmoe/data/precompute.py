@@ -180,7 +180,7 @@ class Precompute:
             return None
         if part["settings"] != self.fingerprint:
             raise ValueError(f"{side} was written with {part['settings']}, not {self.fingerprint}: "
-                             f"use another --output")
+                             f"use another --out")
         if part["source"] != str(Path(src).resolve()):
             raise ValueError(f"{side} belongs to input {part['source']}, not {Path(src).resolve()}")
         if not dst.is_file() or dst.stat().st_size != part["bytes"]:

@@ -10,7 +10,8 @@ from .routing import expert_capacity
 def experts_per_token(config: DiTConfig) -> float:
     """Average routed experts a token goes through: k for token choice, E·C/T for expert choice."""
     if config.routing == "expert_choice":
-        return config.num_experts * expert_capacity(config.capacity_factor, config.num_tokens, config.num_experts) / config.num_tokens
+        capacity = expert_capacity(config.capacity_factor, config.num_tokens, config.num_experts)
+        return config.num_experts * capacity / config.num_tokens
     return float(config.top_k)
 
 

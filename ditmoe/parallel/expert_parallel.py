@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from ditmoe.model.config import DiTConfig
 from ditmoe.model.routing import balance_loss
+from ditmoe.weights import autoep
 
 MOE_LAYER_PATTERN = r"blocks\.\d+\.mlp"
 
@@ -174,19 +175,12 @@ def gather_full_state_dict(engine, local: dict[str, torch.Tensor] | None = None)
             full = value.detach().clone()  # buffers
         else:
             full = _full(params[name], None if local is None else local[name])
-            prefix, _, leaf = name.rpartition(".experts.")
-            if prefix in layers and leaf in ("w1", "w2", "w3"):
-                full = _all_experts(full, layers[prefix])
+            layer = layers.get(autoep.expert_layer(name))
+            if layer is not None:  # this rank's experts -> all experts
+                full = _all_experts(full, layer)
         if keep:
             out[name] = full.cpu()  # host memory: the device never holds more than one parameter
-    if not keep:
-        return {}
-    for prefix in layers:
-        out[f"{prefix}.gate.weight"] = out.pop(f"{prefix}.router.gate.weight")
-        gate, up, down = (out.pop(f"{prefix}.experts.{w}") for w in ("w1", "w3", "w2"))
-        out[f"{prefix}.experts.gate_up_proj"] = torch.cat([gate, up], dim=1)  # (E, 2F, D)
-        out[f"{prefix}.experts.down_proj"] = down  # (E, D, F)
-    return out
+    return autoep.to_ditmoe(out) if keep else {}
 
 
 def local_state_from_full(module: torch.nn.Module, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -198,20 +192,12 @@ def local_state_from_full(module: torch.nn.Module, full: dict[str, torch.Tensor]
 
 
 def _ditmoe_tensor(name: str, full: dict, layers: dict) -> torch.Tensor:
-    """The full tensor of parameter ``name`` (an AutoEP name: this rank's experts only)."""
-    prefix, _, leaf = name.rpartition(".experts.")
-    if prefix in layers and leaf in ("w1", "w2", "w3"):
-        layer = layers[prefix]
-        rows = slice(layer.ep_rank * layer.num_local_experts, (layer.ep_rank + 1) * layer.num_local_experts)
-        if leaf == "w2":
-            return full[f"{prefix}.experts.down_proj"][rows]
-        gate_up = full[f"{prefix}.experts.gate_up_proj"][rows]
-        half = gate_up.shape[1] // 2
-        return gate_up[:, :half] if leaf == "w1" else gate_up[:, half:]
-    prefix, _, leaf = name.rpartition(".router.")
-    if prefix in layers and leaf == "gate.weight":
-        return full[f"{prefix}.gate.weight"]
-    return full[name]
+    """The full tensor of parameter ``name`` (an AutoEP expert weight: this rank's experts only)."""
+    value = autoep.ditmoe_tensor(name, full)
+    layer = layers.get(autoep.expert_layer(name))
+    if layer is None:
+        return value
+    return value[layer.ep_rank * layer.num_local_experts:(layer.ep_rank + 1) * layer.num_local_experts]
 
 
 def _partition(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

@@ -56,13 +56,13 @@ class Layout:
 def check_layout(config: DiTConfig, layout: Layout):
     """Raise a ValueError naming the command-line option for a layout the trainer cannot run."""
     for name, value in (("--nodes", layout.nodes), ("--gpus-per-node", layout.gpus_per_node),
-                        ("--ep-size", layout.ep_size), ("--micro-batch", layout.micro_batch)):
+                        ("--ep-size", layout.ep_size), ("--micro-batch-size", layout.micro_batch)):
         if value < 1:
             raise ValueError(f"{name} {value} must be >= 1")
     if layout.zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"--zero {layout.zero_stage} must be 0, 1, 2 or 3")
+        raise ValueError(f"--zero-stage {layout.zero_stage} must be 0, 1, 2 or 3")
     if layout.act_ckpt < 0:
-        raise ValueError(f"--act-ckpt {layout.act_ckpt} must be >= 0 (0: off, n: every n-th block)")
+        raise ValueError(f"--activation-checkpointing {layout.act_ckpt} must be >= 0 (0: off, n: every n-th block)")
     if layout.precision not in ("bf16", "fp32"):
         raise ValueError(f"--precision {layout.precision!r} must be bf16 or fp32")
     if layout.ep_size == 1:

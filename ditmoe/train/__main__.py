@@ -1,70 +1,84 @@
-"""python -m ditmoe.train --preset demo --out runs/demo [--steps N] [--resume auto] [--set KEY=VALUE ...]
+"""python -m ditmoe.train [--preset demo | --config FILE] --out DIR [--steps N] [--resume auto] [--set KEY=VALUE ...]
 
+Settings come from the preset's defaults, then the experiment file (--config FILE: .toml, .yaml or .yml),
+then the flags and --set items. --list-settings lists every setting with its type, default and meaning.
 Runs alone, or under torchrun / the deepspeed launcher / srun with the same flags.
 """
 
 import argparse
-import dataclasses
 import json
-import sys
 
-from .config import apply_train_overrides, preset_train_config
+from ..cli import make_parser, user_errors
+from ..model import get_preset
+from ..settings import describe, field_docs
+from .config import TrainConfig, preset_train_config, resolve_config
+
+DOCS = field_docs(TrainConfig)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m ditmoe.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="demo", help="training preset ('demo') or any model preset name")
-    p.add_argument("--out", help="output directory (metrics.jsonl, tensorboard/, checkpoints/)")
-    p.add_argument("--data", help="'digits' or a directory of latent shards")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--global-batch-size", type=int)
-    p.add_argument("--micro-batch-size", type=int, help="per rank; the rest is gradient accumulation")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--objective", choices=["ddpm", "rectified_flow"])
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
-    p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3])
-    p.add_argument("--ep-size", type=int, help="expert-parallel group size (DeepSpeed AutoEP); divides experts and ranks")
-    p.add_argument("--resume", help="'auto' (latest checkpoint in OUT, if any) or a checkpoint directory")
-    p.add_argument("--resume-universal", action="store_true", default=None,
-                   help="resume through DeepSpeed's universal checkpoint: another world size, ZeRO stage or EP size")
-    p.add_argument("--deepspeed-config", help="DeepSpeed JSON; batch sizes are filled from the flags")
+    p = make_parser(__doc__, prog="python -m ditmoe.train")
+    p.add_argument("--preset", help="training preset ('demo') or any model preset name (default: demo)")
+    p.add_argument("--config", metavar="FILE",
+                   help="experiment file: preset and training settings, model settings in a 'model' table")
+    p.add_argument("--list-settings", action="store_true",
+                   help="print every --set key with its type, default and meaning, then exit")
+    p.add_argument("--out", help=DOCS["out"])
+    p.add_argument("--data", help=DOCS["data"])
+    p.add_argument("--steps", type=int, help=DOCS["steps"])
+    p.add_argument("--global-batch-size", type=int, help=DOCS["global_batch_size"])
+    p.add_argument("--micro-batch-size", type=int, help=DOCS["micro_batch_size"])
+    p.add_argument("--seed", type=int, help=DOCS["seed"])
+    p.add_argument("--objective", choices=["ddpm", "rectified_flow"], help=DOCS["objective"])
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], help=DOCS["precision"])
+    p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], help=DOCS["zero_stage"])
+    p.add_argument("--ep-size", type=int, help=DOCS["ep_size"])
+    p.add_argument("--activation-checkpointing", type=int, metavar="N", help=DOCS["activation_checkpointing"])
+    p.add_argument("--resume", help=DOCS["resume"])
+    p.add_argument("--resume-universal", action="store_true", default=None, help=DOCS["resume_universal"])
+    p.add_argument("--deepspeed-config", metavar="FILE", help=DOCS["deepspeed_config"])
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a training field (lr=3e-4) or a model field (model.depth=6); repeatable")
-    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
+                   help="override a training setting (lr=3e-4) or a model setting (model.depth=6); repeatable")
+    p.add_argument("--local-rank", type=int, aliases=["--local_rank"], help=argparse.SUPPRESS)  # deepspeed launcher
     return p.parse_args(argv)
 
 
-def build_config(args):
-    config = preset_train_config(args.preset)
-    flags = {
-        "out": args.out, "data": args.data, "steps": args.steps, "global_batch_size": args.global_batch_size,
-        "micro_batch_size": args.micro_batch_size, "seed": args.seed, "objective": args.objective,
-        "precision": args.precision, "zero_stage": args.zero_stage, "ep_size": args.ep_size, "resume": args.resume,
-        "resume_universal": args.resume_universal, "deepspeed_config": args.deepspeed_config,
-    }
-    config = dataclasses.replace(config, **{k: v for k, v in flags.items() if v is not None})
-    return apply_train_overrides(config, args.set)
+FLAG_FIELDS = (
+    "preset", "out", "data", "steps", "global_batch_size", "micro_batch_size", "seed", "objective", "precision",
+    "zero_stage", "ep_size", "activation_checkpointing", "resume", "resume_universal", "deepspeed_config",
+)
+
+
+def build_config(args) -> TrainConfig:
+    return resolve_config(args.config, {name: getattr(args, name) for name in FLAG_FIELDS}, args.set)
+
+
+def settings_listing(preset: str) -> str:
+    """Every ``--set`` key of ``preset`` (training keys, then ``model.KEY``): type, default and doc."""
+    rows = describe(preset_train_config(preset), exclude=("model_overrides",)) + describe(get_preset(preset), "model.")
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = [f"Settings with the defaults of preset {preset!r} (--set KEY=VALUE; a --config file has the model.KEY "
+             "settings as KEY in its model table):"]
+    lines += ["  " + "  ".join(text.ljust(width) for text, width in zip(row, widths)) + "  " + row[3] for row in rows]
+    return "\n".join(lines)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
+    with user_errors():
         config = build_config(args)
-    except ValueError as err:
-        sys.exit(f"error: {err}")
-    if not config.data:
-        sys.exit(f"error: preset {args.preset!r} has no default data: pass --data DIR_OF_LATENT_SHARDS")
-    from ..parallel.distributed import shutdown_distributed
-    from .loop import train
-    from .final_eval import final_eval
+        if args.list_settings:
+            print(settings_listing(config.preset))
+            return
+        if not config.data:
+            raise ValueError(f"preset {config.preset!r} has no default data: pass --data DIR_OF_LATENT_SHARDS")
+        from ..parallel.distributed import shutdown_distributed
+        from .final_eval import final_eval
+        from .trainer import train
 
-    try:
         record = train(config)
         if config.data == "digits" and config.eval_samples > 0 and not record["preempted"]:
             record = {**record, **final_eval(config)}
-    except (ValueError, FileNotFoundError) as err:  # bad input: the message names the file/key/option
-        sys.exit(f"error: {err}")
     print(json.dumps({k: v for k, v in record.items() if not isinstance(v, list)}), flush=True)
     shutdown_distributed()
 

@@ -1,46 +1,84 @@
-"""Training configuration: a dataclass, named training presets, and ``--set`` overrides."""
+"""Training configuration: a dataclass, named training presets, experiment files and ``--set`` overrides."""
 
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
-from ..config_overrides import apply_overrides
+from ..config_file import dump_config, file_format, read_config_file
 from ..model import DiTConfig, get_preset
+from ..settings import apply_overrides, check_values, format_value
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    preset: str = "demo"  # model preset name
-    model_overrides: tuple[str, ...] = ()  # KEY=VALUE on the model config
-    objective: str = "ddpm"  # "ddpm" or "rectified_flow"
-    data: str = "digits"  # "digits" (embedded) or a directory of latent shards
+    """Everything a training run needs besides the model architecture (which ``preset`` and the model
+    overrides give)."""
+
+    preset: str = "demo"
+    """Model preset name (a training preset such as 'demo' also sets the training defaults)."""
+    model_overrides: tuple[str, ...] = ()
+    """KEY=VALUE items applied to the preset's model config (set as model.KEY)."""
+    objective: str = "ddpm"
+    """Training objective: 'ddpm' or 'rectified_flow'."""
+    data: str = "digits"
+    """'digits' (embedded) or a directory of latent shards."""
     out: str = "runs/demo"
+    """Output directory: config, metrics.jsonl, tensorboard/, checkpoints/."""
     steps: int = 1000
+    """Optimizer steps to train for."""
     global_batch_size: int = 256
-    micro_batch_size: int = 0  # 0: global_batch_size / world_size (no accumulation)
-    data_workers: int = 0  # loader worker processes per rank
+    """Samples per optimizer step over all ranks."""
+    micro_batch_size: int = 0
+    """Samples per rank per forward/backward (0: global_batch_size / world_size, no accumulation)."""
+    data_workers: int = 0
+    """Data loader worker processes per rank."""
     seed: int = 0
+    """Random seed of initialization, data order and noise."""
     lr: float = 1e-4
+    """Peak AdamW learning rate."""
     lr_warmup_steps: int = 0
+    """Steps of linear learning rate warmup."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     adam_beta1: float = 0.9
+    """AdamW beta1."""
     adam_beta2: float = 0.999
+    """AdamW beta2."""
     grad_clip: float = 1.0
+    """Gradient norm clipping threshold."""
     ema_decay: float = 0.9999
-    precision: str = "auto"  # "fp32", "bf16", or "auto": the DeepSpeed config file's bf16 setting (fp32 without one)
-    zero_stage: int = 1  # used unless the DeepSpeed config file sets one
-    ep_size: int = 1  # expert parallelism through DeepSpeed AutoEP (1: off)
-    activation_checkpointing: int = 0  # recompute every n-th block in backward (0: off, 1: every block)
+    """Decay of the exponential moving average of the weights."""
+    precision: str = "auto"
+    """'fp32', 'bf16', or 'auto': the DeepSpeed config file's bf16 setting (fp32 without one)."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage, used unless the DeepSpeed config file sets one."""
+    ep_size: int = 1
+    """Expert-parallel group size through DeepSpeed AutoEP (1: off)."""
+    activation_checkpointing: int = 0
+    """Recompute every n-th block in backward (0: off, 1: every block)."""
     deepspeed_config: str | None = None
-    resume: str | None = None  # None, "auto", or a checkpoint directory
-    resume_universal: bool = False  # resume through DeepSpeed's universal checkpoint (another world/EP size)
+    """DeepSpeed JSON config file; batch sizes are filled in from these settings."""
+    resume: str | None = None
+    """Checkpoint to resume from: 'auto' (latest in out, if any) or a checkpoint directory."""
+    resume_universal: bool = False
+    """Resume through DeepSpeed's universal checkpoint (another world size, ZeRO stage or EP size)."""
     log_every: int = 10
+    """Steps between metrics records."""
     ckpt_every: int = 500
+    """Steps between checkpoints."""
     tensorboard: bool = True
-    # Evaluation at the end of training (digits data): sample grid and conditional accuracy; 0 skips it.
+    """Also write metrics as TensorBoard events."""
     eval_samples: int = 1000
+    """Samples of the evaluation at the end of training (digits data); 0 skips it."""
     eval_sampler: str = "ddim"
+    """Sampler of the final evaluation."""
     eval_steps: int = 50
+    """Sampling steps of the final evaluation."""
     eval_cfg_scale: float = 1.0
+    """Classifier-free guidance scale of the final evaluation."""
+    config_format: str = "toml"
+    """Format of the resolved experiment file written to out: 'toml' or 'yaml' (that of --config)."""
 
     def model_config(self) -> DiTConfig:
         return apply_overrides(get_preset(self.preset), list(self.model_overrides), "model")
@@ -67,13 +105,63 @@ def preset_train_config(preset: str) -> TrainConfig:
     return TrainConfig(preset=preset, data="", out=f"runs/{preset.replace('/', '_')}")
 
 
+def resolve_config(config_file: str | None, flags: dict, overrides: list[str]) -> TrainConfig:
+    """Preset defaults < experiment file < ``flags`` (field -> value; ``None``: not given) < ``--set`` items."""
+    train, model = read_experiment(config_file) if config_file else ({}, {})
+    config = preset_train_config(flags.get("preset") or train.get("preset", "demo"))
+    items = tuple(f"{key}={format_value(value)}" for key, value in model.items())
+    config = dataclasses.replace(config, **train, model_overrides=config.model_overrides + items)
+    config = dataclasses.replace(config, **{k: v for k, v in flags.items() if v is not None})
+    return apply_train_overrides(config, overrides)
+
+
+def read_experiment(path: str) -> tuple[dict, dict]:
+    """Training and model settings of experiment file ``path`` (model fields in a ``model`` table), checked
+    against the field types; errors name the file and the key."""
+    train = read_config_file(path)
+    model = train.pop("model", {})
+    try:
+        if not isinstance(model, dict):
+            raise ValueError(f"'model' must be a table of model settings, got {model!r}")
+        train = check_values(TrainConfig, train, "training", exclude=("model_overrides",))
+        model = check_values(DiTConfig, model, "model")
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    return {"config_format": file_format(path), **train}, model
+
+
 def apply_train_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
     """``--set`` items: ``model.KEY=VALUE`` go to the model config, ``KEY=VALUE`` to the training config."""
     model_items = [item[len("model."):] for item in overrides if item.startswith("model.")]
     train_items = [item for item in overrides if not item.startswith("model.")]
     config = apply_overrides(config, train_items, "training")
     config = dataclasses.replace(config, model_overrides=config.model_overrides + tuple(model_items))
-    config.model_config()  # validate now: a bad override is an error before anything starts
-    return config
+    if config.config_format not in ("toml", "yaml"):
+        raise ValueError(f"config_format={config.config_format!r} is not 'toml' or 'yaml'")
+    model = config.model_config()  # validate now: a bad override is an error before anything starts
+    items = tuple(f"{key}={format_value(getattr(model, key))}" for key in overridden_keys(config))
+    return dataclasses.replace(config, model_overrides=items)  # each key once, with its last value
 
 
+def overridden_keys(config: TrainConfig) -> list[str]:
+    """The model fields ``config.model_overrides`` set, each once, in the order first set."""
+    return list(dict.fromkeys(item.partition("=")[0] for item in config.model_overrides))
+
+
+def experiment(config: TrainConfig) -> dict:
+    """The experiment file contents that repeat ``config``: training fields, and the model overrides as a
+    ``model`` table (the preset gives the rest of the model config)."""
+    model = config.model_config()
+    train = {k: v for k, v in dataclasses.asdict(config).items() if k != "model_overrides"}
+    return {**train, "model": {key: getattr(model, key) for key in overridden_keys(config)}}
+
+
+def write_run_config(config: TrainConfig, out: Path) -> None:
+    """Write ``out/config.json`` (the training config and the model config it resolves to) and the experiment
+    file that repeats the run, ``out/config.toml`` or ``out/config.yaml`` (``config.config_format``)."""
+    record = {"train": config.to_dict(), "model": config.model_config().to_dict()}
+    (Path(out) / "config.json").write_text(json.dumps(record, indent=2))
+    header = "# The resolved settings of this run: --config THIS_FILE repeats it. Model settings not in the model\n"
+    header += "# table are the preset's (config.json lists the whole model config).\n"
+    text = header + dump_config(experiment(config), config.config_format)
+    (Path(out) / f"config.{config.config_format}").write_text(text)

@@ -7,8 +7,15 @@ import webdataset as wds
 
 from ditmoe.data import ManifestError, write_latent_dataset
 from ditmoe.data.latent_format import (
-    MANIFEST, CorruptShardError, RecordReader, ShardWriter, read_manifest, record_size, verify_shards,
+    MANIFEST,
+    CorruptShardError,
+    RecordReader,
+    ShardWriter,
+    read_manifest,
+    record_size,
+    verify_shards,
 )
+
 from latent_fixtures import make_dataset_fixture  # noqa: F401 (pytest fixture)
 
 

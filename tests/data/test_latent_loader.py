@@ -7,6 +7,7 @@ import torch
 
 from ditmoe.data import CorruptShardError, LatentLoader, ManifestError
 from ditmoe.data.latent_format import ShardWriter
+
 from latent_fixtures import make_dataset_fixture  # noqa: F401 (pytest fixture)
 
 

@@ -4,8 +4,13 @@ import numpy as np
 import pytest
 
 from ditmoe.data.digits import digits_arrays
-from ditmoe.eval.digits import (conditional_accuracy, digits_features, digits_fid, train_digits_classifier,
-                                train_digits_feature_extractor)
+from ditmoe.eval.digits import (
+    conditional_accuracy,
+    digits_features,
+    digits_fid,
+    train_digits_classifier,
+    train_digits_feature_extractor,
+)
 from ditmoe.eval.frechet import feature_statistics, frechet_distance
 
 

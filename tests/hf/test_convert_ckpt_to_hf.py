@@ -12,9 +12,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import load_tool, run_cli, torchrun
 from ditmoe.inference import load_model
 from ditmoe.model.card import count_parameters
+
+from conftest import load_tool, run_cli, torchrun
 
 TOOL = "tools/convert_ckpt_to_hf.py"
 # Loads the folder with transformers only: cwd and sys.path exclude the repository.

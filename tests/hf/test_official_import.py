@@ -16,11 +16,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import load_tool, run_cli
 from ditmoe.hf.official import infer_config
 from ditmoe.inference import load_model
 from ditmoe.model import DiT, get_preset
 from ditmoe.weights import official_ditmoe
+
+from conftest import load_tool, run_cli
 
 TOOL = "tools/convert_ckpt_to_hf.py"
 

@@ -58,5 +58,6 @@ def test_model_card_cli_json():
 
 
 def test_model_card_cli_unknown_preset():
-    res = subprocess.run([sys.executable, "tools/model_card.py", "--preset", "DiT-MoE-Q/2"], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "tools/model_card.py", "--preset", "DiT-MoE-Q/2"], capture_output=True,
+                         text=True)
     assert res.returncode != 0 and "unknown preset 'DiT-MoE-Q/2'" in res.stderr

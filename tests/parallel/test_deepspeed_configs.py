@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SMALL_DIGITS, free_port, run_cli
 from ditmoe.parallel.engine import deepspeed_config
+
+from conftest import REPO, SMALL_DIGITS, free_port, metrics, run_cli
 
 CONFIGS = sorted(p.name for p in (REPO / "deepspeed_configs").glob("*.json") if "_ep" not in p.name)
 
@@ -15,7 +16,8 @@ def test_batch_sizes_are_filled_for_any_world_size():
     base = json.loads((REPO / "deepspeed_configs/zero3.json").read_text())
     cfg = deepspeed_config(base=base, global_batch_size=256, micro_batch_size=4, world_size=8, zero_stage=1,
                            precision="auto", grad_clip=1.0)
-    assert (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) == (256, 4, 8)
+    batches = (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"])
+    assert batches == (256, 4, 8)
     assert cfg["zero_optimization"]["stage"] == 3 and cfg["bf16"]["enabled"]
     fp32 = deepspeed_config(base=base, global_batch_size=8, micro_batch_size=4, world_size=2, zero_stage=1,
                             precision="fp32", grad_clip=1.0)
@@ -26,7 +28,7 @@ def test_batch_sizes_are_filled_for_any_world_size():
 def test_config_file_trains(tmp_path, name):
     run_cli(["-m", "ditmoe.train", *SMALL_DIGITS, "--steps", "2", "--deepspeed-config",
              f"deepspeed_configs/{name}", "--out", str(tmp_path)])
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = metrics(tmp_path)
     assert len(records) == 2 and all(r["loss"] > 0 and r["grad_norm"] > 0 for r in records)
     assert Path(tmp_path / "checkpoints/latest").read_text().strip() == "step_00000002"
 
@@ -36,7 +38,7 @@ def test_zero3_ep_config_on_two_ranks(tmp_path):
              "--master_addr", "127.0.0.1", "-m", "ditmoe.train", *SMALL_DIGITS, "--steps", "2",
              "--deepspeed-config", "deepspeed_configs/zero3_ep.json", "--ep-size", "2", "--out", str(tmp_path)],
             env={"OMP_NUM_THREADS": "1"})
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = metrics(tmp_path)
     assert len(records) == 2 and records[-1]["balance_loss"] > 0
 
 

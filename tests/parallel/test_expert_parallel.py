@@ -2,7 +2,6 @@
 equal one process accumulating the same micro-batches (loss, balance loss, expert loads, weights)."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,17 +12,13 @@ import torch
 from ditmoe.model import DiT, get_preset
 from ditmoe.parallel.expert_parallel import autoep_config, moe_param_groups, validate_ep
 
+from conftest import free_port
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import ep_worker  # noqa: E402
 
 RUNS = {2: ["1:2", "2:1", "2:2", "3:1", "3:2"], 4: ["2:2", "3:2"]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(out: Path, nproc: int) -> Path:

@@ -8,9 +8,17 @@ from ditmoe.model import DiT, get_preset
 from ditmoe.parallel.activation_checkpointing import apply_activation_checkpointing
 from ditmoe.parallel.memory_profile import forward_backward_memory
 from ditmoe.parallel.planner import (
-    Layout, check_layout, communication_per_gpu, flops_per_gpu, forward_flops_per_image, memory_per_gpu,
-    parameter_split, plan, saved_activation_bytes,
+    Layout,
+    check_layout,
+    communication_per_gpu,
+    flops_per_gpu,
+    forward_flops_per_image,
+    memory_per_gpu,
+    parameter_split,
+    plan,
+    saved_activation_bytes,
 )
+
 from conftest import load_tool, run_cli
 
 REDUCED_S = get_preset("DiT-MoE-S/2-8E2A").replace(depth=2, input_size=16)
@@ -69,7 +77,8 @@ def test_estimate_matches_measured_memory(config, micro_batch, act_ckpt):
 
 # tiny (D=32, depth 2, 4 experts of width F=128, shared width 64), counted by hand
 TINY_EXPERT = 2 * 4 * 3 * 128 * 32  # 98304
-TINY_BLOCK_DENSE = 32 * 96 + 96 + 32 * 32 + 32 + 32 * 192 + 192 + 32 * 4 + 3 * 64 * 32  # qkv, proj, adaLN, router, shared
+# qkv, proj, adaLN, router, shared
+TINY_BLOCK_DENSE = 32 * 96 + 96 + 32 * 32 + 32 + 32 * 192 + 192 + 32 * 4 + 3 * 64 * 32
 TINY_DENSE = (
     4 * 2 * 2 * 32 + 32  # patch embedding
     + 256 * 32 + 32 + 32 * 32 + 32  # timestep MLP
@@ -152,7 +161,7 @@ def test_flops():
     ("tiny", {"ep_size": 4, "nodes": 1, "gpus_per_node": 2}, r"--ep-size 4 does not divide the world size 2"),
     ("tiny-ec", {}, r"--ep-size 2: expert parallelism supports token-choice routing only"),
     ("DiT-S/2", {}, r"--ep-size 2 needs a mixture-of-experts preset"),
-    ("tiny", {"micro_batch": 0}, r"--micro-batch 0 must be >= 1"),
+    ("tiny", {"micro_batch": 0}, r"--micro-batch-size 0 must be >= 1"),
 ])
 def test_layout_errors(preset, changes, message):
     layout = Layout(**{**vars(tiny_layout(3)), **changes})

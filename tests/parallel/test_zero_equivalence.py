@@ -5,8 +5,9 @@ import pytest
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-from conftest import SMALL_DIGITS, STEPS, free_port, metrics, run_cli, torchrun
 from ditmoe.inference import load_model
+
+from conftest import SMALL_DIGITS, STEPS, free_port, metrics, run_cli, torchrun
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,10 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, SMALL_DIGITS, metrics
 from ditmoe.data.latent_format import read_manifest
 from ditmoe.data.synthetic import save_tiny_vae, varied_samples, write_tar
+
+from conftest import REPO, SMALL_DIGITS, metrics
 from slurm_cluster import SlurmCluster, unavailable_reason
 
 STEPS = 60

@@ -6,6 +6,7 @@ expert-choice variant is that checkpoint's EMA weights with ``routing="expert_ch
 """
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -13,9 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import load_tool, run_cli
+from ditmoe.checkpoint import resolve_checkpoint
 from ditmoe.model import DiT, DiTConfig
-from ditmoe.train.checkpoint import resolve_checkpoint
+
+from conftest import load_tool, run_cli
 
 PNGS = {"overview.png", *(f"block{b}_{kind}.png" for b in (0, 1) for kind in ("class", "step", "position"))}
 
@@ -84,14 +86,19 @@ def test_analyze_routing_expert_choice(trained_digits_run, tmp_path):
     assert_pngs_readable(out)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--samples-per-class", "0"], "error: --samples-per-class must be positive, got 0"),
-    (["--samples-per-class", "1", "--steps", "-2"], "error: --steps must be positive, got -2"),
-    (["--samples-per-class", "1", "--sampler", "plms"], "sampler='plms'"),
+@pytest.mark.parametrize("args, code, message", [
+    (["--samples-per-class", "0"], 2, "error: --samples-per-class must be positive, got 0"),
+    (["--samples-per-class", "1", "--steps", "-2"], 2, "error: --steps must be positive, got -2"),
+    (["--samples-per-class", "1", "--sampler", "plms"], "error", "sampler='plms'"),
 ])
-def test_analyze_routing_bad_arguments(trained_digits_run, tmp_path, args, message):
-    with pytest.raises(SystemExit, match=message):
+def test_analyze_routing_bad_arguments(trained_digits_run, tmp_path, capsys, args, code, message):
+    """Usage errors exit 2 with the message on stderr; runtime errors exit with ``error: MESSAGE``."""
+    with pytest.raises(SystemExit) as exit_info:
         load_tool("analyze_routing").main(["--ckpt", str(trained_digits_run), "--out", str(tmp_path), *args])
+    if code == 2:
+        assert exit_info.value.code == 2 and re.search(message, capsys.readouterr().err)
+    else:
+        assert re.search(message, str(exit_info.value))
 
 
 def test_analyze_routing_missing_and_dense_checkpoints(trained_digits_run, tmp_path):

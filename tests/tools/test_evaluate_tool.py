@@ -1,15 +1,17 @@
 """tools/evaluate.py end to end on a few tiny images with a random-weights Inception, and its errors."""
 
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import load_tool, run_cli
 from ditmoe.eval.adm_metrics import inception_score
 from ditmoe.eval.frechet import feature_statistics
 from ditmoe.eval.inception import InceptionV3, load_inception
+
+from conftest import load_tool, run_cli
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # shared CPU cores: avoids OpenMP oversubscription
 
@@ -30,15 +32,11 @@ def files(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def outputs(files):
+def outputs(files, one_thread):
     """Inception outputs of the images, computed here without the tool."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     images = torch.from_numpy(np.load(files / "rgb.npz")["arr_0"]).permute(0, 3, 1, 2)
     with torch.no_grad():
-        out = load_inception(files / "weights.pth")(images)
-    torch.set_num_threads(threads)
-    return out
+        return load_inception(files / "weights.pth")(images)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +55,8 @@ def test_write_ref_stores_adm_statistics_and_rgb_images(files, outputs, referenc
         expected_mu, expected_sigma = feature_statistics(feats.numpy())
         assert mu.shape == (feats.shape[1],) and sigma.shape == (feats.shape[1],) * 2
         assert np.allclose(mu, expected_mu, atol=1e-5) and np.allclose(sigma, expected_sigma, atol=1e-5)
-    assert np.trace(ref["sigma"]) > 0.5 and np.trace(ref["sigma_s"]) > 0.5  # enough spread for FID ~ 0 to mean something
+    # enough spread for FID ~ 0 to mean something
+    assert np.trace(ref["sigma"]) > 0.5 and np.trace(ref["sigma_s"]) > 0.5
 
 
 def test_images_against_their_own_reference(files, outputs, reference):
@@ -110,11 +109,13 @@ def test_bad_reference_file(files, tmp_path):
         tool.main(["--samples", str(files / "rgb.npz"), "--ref", str(ref), "--inception-weights", "w.pth"])
 
 
-def test_bad_inception_weights(files, tmp_path, monkeypatch):
+def test_bad_inception_weights(files, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("DITMOE_INCEPTION_WEIGHTS", raising=False)
     args = ["--samples", str(files / "rgb.npz"), "--ref", str(files / "rgb.npz")]
-    with pytest.raises(SystemExit, match="error: no Inception weights: pass --inception-weights PATH or set"):
+    with pytest.raises(SystemExit) as exit_info:
         tool.main(args)
+    assert exit_info.value.code == 2
+    assert re.search("error: no Inception weights: pass --inception-weights PATH or set", capsys.readouterr().err)
     with pytest.raises(SystemExit, match="none.pth: no such Inception weights file"):
         tool.main([*args, "--inception-weights", str(tmp_path / "none.pth")])
     (tmp_path / "text.pth").write_text("not a checkpoint")

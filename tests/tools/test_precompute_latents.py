@@ -107,7 +107,7 @@ def test_cli_writes_all_good_samples_and_resumes(data, tmp_path):
     assert x.shape == (4, 4, 32, 32) and loader.num_samples == 24 and set(y.tolist()) <= set(range(7))
 
     _, stderr, code = run_tool(data, out, "--decoder", "pil", "--resolution", "512")
-    assert code != 0 and "use another --output" in stderr
+    assert code != 0 and "use another --out" in stderr
 
 
 def test_two_ranks_with_dali_cover_every_sample_once(data, tmp_path):

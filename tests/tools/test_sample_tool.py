@@ -3,8 +3,9 @@
 import numpy as np
 from PIL import Image
 
-from conftest import free_port, run_cli
 from ditmoe.sampling import rank_batches
+
+from conftest import free_port, run_cli
 
 
 def test_sample_tool_writes_adm_npz_and_grid(trained_digits_run, tmp_path):

@@ -14,11 +14,13 @@ def test_unknown_preset(tmp_path):
 
 
 def test_top_k_larger_than_experts(tmp_path):
-    fails_with([*SMALL_DIGITS, "--set", "model.top_k=5", "--out", str(tmp_path)], "top_k=5 must be between 1 and num_experts=4")
+    fails_with([*SMALL_DIGITS, "--set", "model.top_k=5", "--out", str(tmp_path)],
+               "top_k=5 must be between 1 and num_experts=4")
 
 
 def test_unknown_override_key(tmp_path):
-    fails_with([*SMALL_DIGITS, "--set", "learning_rate=1", "--out", str(tmp_path)], "unknown training config key 'learning_rate'")
+    fails_with([*SMALL_DIGITS, "--set", "learning_rate=1", "--out", str(tmp_path)],
+               "unknown training config key 'learning_rate'")
 
 
 def test_batch_not_divisible(tmp_path):

@@ -1,16 +1,10 @@
 """End to end: train -> checkpoint -> --resume auto is bit-identical to an uninterrupted run (CPU fp32)."""
 
-import json
-
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import SMALL_DIGITS, run_cli
-
-
-def read_metrics(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+from conftest import SMALL_DIGITS, metrics, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +21,7 @@ def runs(tmp_path_factory):
 def test_resume_is_bit_identical(runs):
     full, split, resumed = runs
     assert "resumed from" in resumed.stdout and "step_00000003" in resumed.stdout
-    a, b = read_metrics(full), read_metrics(split)
+    a, b = metrics(full), metrics(split)
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     for key in ("loss", "mse", "vb", "balance_loss", "grad_norm"):
         assert [r[key] for r in a] == [r[key] for r in b], key
@@ -39,7 +33,7 @@ def test_resume_is_bit_identical(runs):
 
 def test_metrics_and_tensorboard_have_the_same_scalars(runs):
     full, _, _ = runs
-    records = read_metrics(full)
+    records = metrics(full)
     first = records[0]
     for key in ("step", "loss", "mse", "vb", "balance_loss", "grad_norm", "lr", "samples_per_s"):
         assert key in first
@@ -70,5 +64,5 @@ def test_resume_with_another_model_config_is_a_clear_error(runs, tmp_path):
 def test_bf16_and_zero2_run(tmp_path):
     run_cli(["-m", "ditmoe.train", *SMALL_DIGITS, "--steps", "2", "--precision", "bf16", "--zero-stage", "2",
              "--out", str(tmp_path)])
-    records = read_metrics(tmp_path)
+    records = metrics(tmp_path)
     assert len(records) == 2 and all(r["grad_norm"] > 0 for r in records)

@@ -1,0 +1,41 @@
+"""``meta.json`` of a checkpoint, and whether a run may resume from it."""
+
+import json
+from pathlib import Path
+
+from ..model import DiTConfig
+from .layout import META
+
+
+def read_meta(tag_dir: Path) -> dict:
+    file = tag_dir / META
+    if not file.is_file():
+        raise FileNotFoundError(f"checkpoint {tag_dir}: missing {META}")
+    return json.loads(file.read_text())
+
+
+def write_meta(tag_dir: Path, meta: dict):
+    (tag_dir / META).write_text(json.dumps(meta, indent=2))
+
+
+def check_resume_compatible(meta: dict, model_config: DiTConfig, tag_dir: Path):
+    """Raise a ValueError naming every model field the checkpoint was trained with another value of."""
+    saved = meta["model_config"]
+    current = model_config.to_dict()
+    diff = sorted(k for k in current if saved.get(k) != current[k])
+    if diff:
+        details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current[k]!r}" for k in diff)
+        raise ValueError(f"checkpoint {tag_dir} was trained with another model config ({details})")
+
+
+def check_universal_compatible(meta: dict, zero_stage: int, tag_dir: Path):
+    """DeepSpeed's universal checkpoints of ZeRO-1/2 and of ZeRO-3 have different layouts: a run may
+    change world size and EP size, but not cross between the two families."""
+    saved = meta.get("zero_stage")
+    if saved is None:
+        raise ValueError(f"checkpoint {tag_dir} does not record its ZeRO stage (saved by an older ditmoe); "
+                         "resume it with the same topology instead of --resume-universal")
+    if (saved == 3) != (zero_stage == 3):
+        raise ValueError(f"checkpoint {tag_dir} was saved with ZeRO-{saved}; DeepSpeed's universal checkpoint "
+                         f"cannot move it to ZeRO-{zero_stage} (ZeRO-1/2 and ZeRO-3 layouts differ): "
+                         f"use --zero-stage {3 if saved == 3 else saved}")

@@ -1,0 +1,86 @@
+"""DeepSpeed universal checkpoints of ditmoe runs, loadable under any world size, ZeRO stage and EP size.
+
+``ds_to_universal`` stores every parameter's full fp32 weights and optimizer moments under
+``zero/<name>/``, AutoEP layers in AutoEP's names (``router.gate.weight``, ``experts.w1/w3/w2``).
+A run without EP has ditmoe's names (``gate.weight``, ``experts.gate_up_proj/down_proj``), so both
+are written: the loader reads only the names the new model has. DeepSpeed converts only checkpoints
+that carry ``universal_checkpoint_info``; AutoEP adds it, :func:`~.engine_state.client_state` does for
+other runs.
+"""
+
+import shutil
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from ..weights import autoep
+from .layout import universal_dir
+
+STATES = ("fp32", "exp_avg", "exp_avg_sq")
+
+
+def convert(tag_dir: Path) -> Path:
+    """Convert ``tag_dir`` into ``<tag>_universal`` once (call on one rank); written under a
+    temporary name and renamed, so a half conversion is never used."""
+    out = universal_dir(tag_dir)
+    if out.is_dir():
+        return out
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+                           "--output_folder", str(partial)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ds_to_universal failed on {tag_dir}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    add_both_names(partial / "zero")
+    partial.rename(out)
+    (out.parent / "latest_universal").write_text(out.name)
+    return out
+
+
+def add_both_names(zero: Path):
+    """Every MoE layer's parameters under both ditmoe's and AutoEP's names, so a checkpoint written
+    with expert parallelism resumes without it and the other way round."""
+    folders = sorted(folder.name for folder in zero.iterdir())
+    for layer in autoep.autoep_layers(folders):
+        if not (zero / autoep.ditmoe_expert_names(layer)[0]).exists():
+            shutil.copytree(zero / autoep.router_name(layer), zero / autoep.gate_name(layer))
+            _convert(zero, autoep.autoep_expert_names(layer), partial(autoep.experts_to_ditmoe, layer), _entry)
+    for layer in autoep.ditmoe_layers(folders):
+        if not (zero / autoep.autoep_expert_names(layer)[0]).exists():
+            shutil.copytree(zero / autoep.gate_name(layer), zero / autoep.router_name(layer))
+            _convert(zero, autoep.ditmoe_expert_names(layer), partial(autoep.experts_from_ditmoe, layer), _expert_entry)
+
+
+def _entry(param: torch.Tensor) -> dict:
+    """The universal entry of a parameter in ditmoe's names."""
+    return {"param": param, "cat_dim": 0}
+
+
+def _expert_entry(param: torch.Tensor) -> dict:
+    """AutoEP's universal entry of fused expert weights (E, ...)."""
+    return {"param": param.contiguous(), "cat_dim": 0, "is_expert_param": True, "ep_num_experts": param.shape[0]}
+
+
+def _convert(zero: Path, sources: tuple[str, ...], rename, entry):
+    """For every optimizer state, read parameters ``sources`` once and write ``entry(tensor)`` for each
+    {name: tensor} of ``rename(*tensors)`` to ``zero/<name>/``."""
+    folders = set()
+    for state in STATES:
+        tensors = [load_param(zero / source / f"{state}.pt") for source in sources]
+        for target, param in rename(*tensors).items():
+            folders.add(folder := zero / target)
+            folder.mkdir(exist_ok=True)
+            torch.save(entry(param), folder / f"{state}.pt")
+    step = zero / sources[0] / "step.pt"  # ZeRO-1/2 store the step per parameter, ZeRO-3 does not
+    if step.is_file():
+        for folder in folders:
+            shutil.copy2(step, folder / "step.pt")
+
+
+def load_param(file: Path) -> torch.Tensor:
+    """A universal state file holds ``{"param": tensor, ...}`` (or, for ZeRO-3, possibly the bare tensor)."""
+    state = torch.load(file, weights_only=False)
+    return state["param"] if isinstance(state, dict) else state

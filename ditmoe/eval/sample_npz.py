@@ -1,0 +1,132 @@
+"""Sample a checkpoint into an ADM-format npz on one process or many (an initialised process group).
+
+Samples come in batches of ``batch_size``; batch b starts from noise seeded by ``seed + b``. Each rank
+samples a contiguous share of the batches into ``<out>.rank<R>-of-<W>.npy``; rank 0 streams the parts into
+the npz and removes them. The npz is the same for any number of ranks (same seed, batch size and kind of
+device), written under a temporary name and renamed when complete. A run that dies part-way may leave parts
+behind; the next run with as many ranks overwrites them.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..diffusion import build_objective
+from ..inference import load_model
+from ..npz import NpzWriter, write_npy_header
+from ..sampling import balanced_labels, generate, num_batches, rank_batches, to_uint8_images
+from .grid import save_grid
+
+COPY_ROWS = 256  # images per read while rank 0 copies the parts into the npz
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """What to sample: ``num_samples`` images of classes cycling 0..K-1 from ``ckpt`` into ``out`` (.npz)."""
+
+    ckpt: str
+    out: str
+    num_samples: int
+    cfg_scale: float = 1.0
+    sampler: str | None = None
+    steps: int | None = None
+    guide_channels: int | None = None
+    weights: str = "ema"
+    batch_size: int = 250
+    grid: str | None = None
+    seed: int = 0
+
+
+def load_in_turn(settings: SampleSettings, rank: int, device: torch.device):
+    """(model on ``device``, meta). Rank 0 loads first, so a ZeRO-3 checkpoint's universal conversion
+    (``weights="model"``) runs once; the other ranks load after it."""
+    if rank > 0:
+        dist.barrier()
+    loaded = load_model(settings.ckpt, weights=settings.weights, device=device)
+    if rank == 0:
+        dist.barrier()
+    return loaded
+
+
+def part_path(out: Path, rank: int, world: int) -> Path:
+    """Where rank ``rank`` of ``world`` writes its images, next to ``out``."""
+    return out.with_name(f"{out.name}.rank{rank:05d}-of-{world:05d}.npy")
+
+
+def sample_batches(model, objective, labels: torch.Tensor, batches: range, settings: SampleSettings, progress: bool):
+    """The uint8 images (n, H, W, C) of each of the global ``batches``, one batch at a time."""
+    for b in batches:
+        latents = generate(model, objective, labels, cfg_scale=settings.cfg_scale, sampler=settings.sampler,
+                           steps=settings.steps, batch_size=settings.batch_size, seed=settings.seed,
+                           guide_channels=settings.guide_channels, progress=progress, batches=[b])
+        yield to_uint8_images(latents).numpy()
+
+
+def write_part(part: Path, images, count: int):
+    """Stream ``count`` images, arriving in batches, into the .npy file ``part``. The file is created
+    once the first batch is there, so a sampler that fails at once leaves no file behind."""
+    first = next(images)
+    with open(part, "wb") as f:
+        write_npy_header(f, (count, *first.shape[1:]), np.uint8)
+        f.write(first.tobytes())
+        for batch in images:
+            f.write(batch.tobytes())
+
+
+def part_rows(parts: list[np.ndarray]):
+    """The rows of ``parts`` one after another, a few at a time."""
+    for part in parts:
+        for i in range(0, len(part), COPY_ROWS):
+            yield part[i:i + COPY_ROWS]
+
+
+def write_grid(path: str, parts: list[np.ndarray], labels: np.ndarray, num_classes: int):
+    """One row per class of its first (up to 10) samples: the first samples, as labels cycle through the classes."""
+    n = min(10, len(labels) // num_classes) * num_classes
+    head = []
+    for part in parts:
+        head.append(part[:n - sum(map(len, head))])
+    head = np.concatenate(head)
+    rows = [head[labels[:len(head)] == c] for c in range(num_classes)]
+    save_grid(np.concatenate(rows), rows=num_classes, path=path)
+
+
+def assemble(out: Path, paths: list[Path], labels: np.ndarray, grid: str | None, num_classes: int) -> tuple:
+    """Rank 0, once every rank has written its part: the npz (and the grid) from the parts, which it then
+    removes. Returns the shape of one image."""
+    parts = [np.load(p, mmap_mode="r") for p in paths]
+    with NpzWriter(out) as npz:
+        npz.add_chunks("arr_0", (len(labels), *parts[0].shape[1:]), np.uint8, part_rows(parts))
+        npz.add("arr_1", labels.astype(np.int64))
+    if grid:
+        write_grid(grid, parts, labels, num_classes)
+    for p in paths:
+        p.unlink()
+    return parts[0].shape[1:]
+
+
+def sample_to_npz(settings: SampleSettings, rank: int, world: int, device: torch.device) -> tuple | None:
+    """Every rank samples its share; rank 0 writes ``settings.out`` (and the grid) and returns the shape of
+    one image, the other ranks None."""
+    out = Path(settings.out)
+    total = num_batches(settings.num_samples, settings.batch_size)
+    batches = rank_batches(total, rank, world)
+    model, meta = load_in_turn(settings, rank, device)
+    objective = build_objective(meta["train_config"]["objective"])
+    k = model.config.num_classes
+    if settings.grid and settings.num_samples < k:
+        raise ValueError(f"--grid needs at least {k} samples (one per class)")
+    labels = balanced_labels(settings.num_samples, k)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if batches:  # with more ranks than batches, the last ones have none
+        share = labels[batches.start * settings.batch_size:batches.stop * settings.batch_size]
+        images = sample_batches(model, objective, labels, batches, settings, progress=rank == 0)
+        write_part(part_path(out, rank, world), images, len(share))
+    dist.barrier()
+    if rank > 0:
+        return None
+    paths = [part_path(out, r, world) for r in range(world) if rank_batches(total, r, world)]
+    return assemble(out, paths, labels.numpy(), settings.grid, k)

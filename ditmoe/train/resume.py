@@ -1,0 +1,66 @@
+"""Resuming a run: which checkpoint, whether it fits this run, and restoring engine, EMA, data and RNG.
+
+Two moments: :meth:`Resume.detect` before the engine exists (checks the checkpoint; for
+``--resume-universal`` converts it and tells DeepSpeed to load the universal form), and
+:meth:`Resume.restore` once the engine, EMA and loader are built.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .. import checkpoint
+from ..checkpoint import engine_state, universal
+from .config import TrainConfig
+
+
+def find_resume(config: TrainConfig, ckpt_root: Path) -> Path | None:
+    """The tag directory ``--resume`` names: the run's latest for "auto" (None if it has none)."""
+    if config.resume is None:
+        return None
+    if config.resume == "auto":
+        return checkpoint.latest_tag_dir(ckpt_root)
+    return checkpoint.resolve_checkpoint(config.resume)
+
+
+@dataclass(frozen=True)
+class Resume:
+    tag_dir: Path
+    universal: bool  # another topology: through DeepSpeed's universal checkpoint
+
+    @classmethod
+    def detect(cls, config: TrainConfig, ckpt_root: Path, ds_config: dict, rank: int) -> "Resume | None":
+        """The resume plan of this run, or None. Collective with ``--resume-universal``: rank 0 converts
+        the checkpoint while the others wait; ``ds_config`` is then set to load the universal form."""
+        tag_dir = find_resume(config, ckpt_root)
+        if tag_dir is None:
+            return None
+        meta = checkpoint.read_meta(tag_dir)
+        checkpoint.check_resume_compatible(meta, config.model_config(), tag_dir)
+        if config.resume_universal:
+            checkpoint.check_universal_compatible(meta, ds_config["zero_optimization"]["stage"], tag_dir)
+            if rank == 0:
+                universal.convert(tag_dir)
+            if dist.is_initialized():
+                dist.barrier()
+            ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+        return cls(tag_dir, bool(config.resume_universal))
+
+    def restore(self, engine, ema, loader, rank: int) -> int:
+        """Load engine state, EMA, data position and RNG; returns the step to continue from."""
+        meta = checkpoint.read_meta(self.tag_dir)
+        if self.universal:  # re-shard the engine state, cut this rank's EMA from ema.pt
+            engine_state.load_universal(engine, self.tag_dir)
+            ema.load_full(checkpoint.load_full_ema(self.tag_dir), engine.module)
+        else:
+            ema_state = checkpoint.load_local_ema(self.tag_dir, meta, rank)
+            engine_state.load(engine, self.tag_dir)
+            ema.load_state_dict(ema_state)
+        loader.load_state_dict(meta["data"])
+        torch.set_rng_state(torch.tensor(meta["rng"], dtype=torch.uint8))
+        if rank == 0:
+            print(f"resumed from {self.tag_dir} at step {meta['step']}", flush=True)
+        return meta["step"]
+

@@ -1,0 +1,188 @@
+"""The trainer: DeepSpeed engine, EMA, metrics and checkpoints with exact resume.
+
+``Trainer.train`` runs ``train_step`` (one optimizer step: every micro-batch of this rank's part of
+the global batch, then the EMA update) until ``config.steps``, logging and checkpointing between
+steps; ``forward_backward_step`` is one micro-batch.
+"""
+
+import time
+from pathlib import Path
+
+import torch
+
+from ..diffusion import build_objective
+from ..model import DiT, DiTConfig
+from ..parallel import engine as ds_engine
+from ..parallel.activation_checkpointing import apply_activation_checkpointing
+from ..parallel.distributed import init_distributed
+from ..parallel.expert_parallel import attach_balance_loss, autoep_config, moe_param_groups, validate_ep
+from .checkpointer import Checkpointer
+from .config import TrainConfig, write_run_config
+from .data import build_loader
+from .ema import EMA
+from .metrics import MetricsWriter, expert_load_stats
+from .preemption import PreemptionGuard
+from .resume import Resume
+from .step_metrics import StepMetrics
+
+
+def micro_batch_seed(seed: int, step: int, micro_index: int) -> int:
+    """Seed of the noise, timesteps and label dropout of one micro-batch: independent of world size."""
+    return (seed * 1_000_003 + step) * 4099 + micro_index
+
+
+def model_fn(engine, dtype: torch.dtype):
+    """model(x, t, y) on the engine with inputs cast to its dtype and fp32 outputs."""
+
+    def call(x, t, y):
+        return engine(x.to(dtype), t, y).float()
+
+    return call
+
+
+def set_lr(optimizer, config: TrainConfig, step: int):
+    """Linear warm-up over ``lr_warmup_steps``, then constant."""
+    scale = min(1.0, (step + 1) / config.lr_warmup_steps) if config.lr_warmup_steps else 1.0
+    for group in optimizer.param_groups:
+        group["lr"] = config.lr * scale
+
+
+def parameter_grad_norm(module: torch.nn.Module) -> float:
+    """2-norm of all gradients held by ``module``'s parameters.
+
+    Needed at ZeRO-0 only: ``engine.get_global_grad_norm()`` returns the ``_global_grad_norm`` of
+    DeepSpeed's optimizer wrappers (ZeRO-1/2/3, bf16, fp16), but at ZeRO-0 in fp32 our torch AdamW
+    runs unwrapped and the engine's fp32 clipping drops the norm it computes, so it stays None.
+    """
+    grads = [p.grad.detach().float() for p in module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+
+
+def build_deepspeed_config(config: TrainConfig, model_config: DiTConfig, world: int) -> dict:
+    """The run's DeepSpeed config (batch sizes, ZeRO, precision, AutoEP section); bad EP layouts raise."""
+    micro = config.micro_batch_size or config.global_batch_size // world
+    ds_config = ds_engine.deepspeed_config(
+        base=ds_engine.load_config_file(config.deepspeed_config),
+        global_batch_size=config.global_batch_size, micro_batch_size=micro, world_size=world,
+        zero_stage=config.zero_stage, precision=config.precision, grad_clip=config.grad_clip,
+    )
+    zero = ds_config["zero_optimization"]
+    validate_ep(config.ep_size, model_config.num_experts, world, model_config.routing, zero["stage"], zero)
+    if ds_config.get("expert_parallel", {}).get("enabled") and config.ep_size == 1:
+        raise ValueError(f"--deepspeed-config {config.deepspeed_config} enables expert_parallel: pass --ep-size N > 1")
+    ds_config["expert_parallel"] = {**ds_config.get("expert_parallel", {}),
+                                    **autoep_config(config.ep_size, model_config)}
+    return ds_config
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig):
+        """Set up distributed, output directory, DeepSpeed config, data, engine, EMA, resume, metrics, checkpoints."""
+        self.config = config
+        self.rank, self.world, self.device = init_distributed()
+        self.is_rank0 = self.rank == 0  # writes config, metrics, EMA and meta files, prints
+        self.out = Path(config.out)
+        self.model_config = config.model_config()
+        if self.is_rank0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_run_config(config, self.out)
+        self.ds_config = build_deepspeed_config(config, self.model_config, self.world)
+        self.accumulation = self.ds_config["gradient_accumulation_steps"]
+        self.zero_stage = self.ds_config["zero_optimization"]["stage"]
+        self.loader = build_loader(config, self.model_config, self.rank, self.world)
+        ckpt_root = self.out / "checkpoints"
+        resume = Resume.detect(config, ckpt_root, self.ds_config, self.rank)
+        self._build_engine()
+        self.step = 0 if resume is None else resume.restore(self.engine, self.ema, self.loader, self.rank)
+        self.moe_layers = self.engine.module.moe_layers()
+        self.moe_blocks = [i for i in range(self.model_config.depth) if self.model_config.moe_in_block(i)]
+        self.writer = MetricsWriter(self.out, config.tensorboard) if self.is_rank0 else None
+        self.checkpointer = Checkpointer(config, ckpt_root, rank=self.rank, world_size=self.world,
+                                         zero_stage=self.zero_stage, guard=PreemptionGuard())
+        self.window_start, self.window_samples = time.perf_counter(), 0  # throughput since the last log
+
+    def _build_engine(self):
+        """Model (same initial weights on every rank), objective, optimizer, DeepSpeed engine, EMA."""
+        config = self.config
+        torch.manual_seed(config.seed)
+        model = DiT(self.model_config).to(self.device)
+        apply_activation_checkpointing(model, config.activation_checkpointing)
+        self.objective = build_objective(config.objective)
+        optimizer = ds_engine.build_optimizer(
+            moe_param_groups(model, config.ep_size, self.zero_stage), config.lr, config.weight_decay,
+            (config.adam_beta1, config.adam_beta2), cpu_offload=ds_engine.offloads_optimizer(self.ds_config),
+        )
+        self.engine, self.optimizer = ds_engine.initialize(model, optimizer, self.ds_config)
+        attach_balance_loss(self.engine.module)
+        self.ema = EMA(self.engine.module, config.ema_decay)
+        dtype = torch.bfloat16 if ds_engine.uses_bf16(self.ds_config) else torch.float32
+        self.forward = model_fn(self.engine, dtype)
+
+    def train(self) -> dict:
+        """Train to ``config.steps`` (or a preemption); returns the last logged record (rank 0's view)."""
+        record = {}
+        batches = iter(self.loader)
+        while self.step < self.config.steps:
+            x_local, y_local = next(batches)  # entries rank, rank + W, ... of the global batch
+            metrics, grad_norm = self.train_step(x_local, y_local)
+            if self.step % self.config.log_every == 0 or self.step == self.config.steps:
+                record = self.log_step(metrics, grad_norm)
+            if self.checkpointer.after_step(self.step, self.engine, self.ema, self.loader):
+                break
+        if self.is_rank0:
+            self.writer.close()
+        return {**record, "preempted": self.step < self.config.steps}
+
+    def train_step(self, x_local: torch.Tensor, y_local: torch.Tensor) -> tuple[StepMetrics, float]:
+        """One optimizer step on this rank's part of the global batch; returns its metrics and grad norm."""
+        metrics = StepMetrics(len(self.moe_layers), self.model_config.num_experts)
+        grad_norm = None
+        set_lr(self.optimizer, self.config, self.step)
+        for a in range(self.accumulation):
+            # micro-batch j = rank + a·W of the global batch g is g[j::G/m], i.e. x_local[a::accumulation]:
+            # the same samples whatever the world size
+            x = x_local[a::self.accumulation].to(self.device)
+            y = y_local[a::self.accumulation].to(self.device)
+            self.forward_backward_step(x, y, self.rank + a * self.world, metrics)
+            if a == self.accumulation - 1 and self.zero_stage == 0:
+                grad_norm = parameter_grad_norm(self.engine.module)  # before engine.step() clears the gradients
+            self.engine.step()  # DeepSpeed steps the optimizer after the last micro-batch only
+        self.ema.update(self.engine.module, self.step)
+        self.step += 1
+        self.window_samples += self.config.global_batch_size
+        if grad_norm is None:
+            grad_norm = float(self.engine.get_global_grad_norm())
+        return metrics, grad_norm
+
+    def forward_backward_step(self, x: torch.Tensor, y: torch.Tensor, micro_index: int, metrics: StepMetrics):
+        """Loss and gradients of micro-batch ``micro_index`` of the global batch, added to ``metrics``."""
+        torch.manual_seed(micro_batch_seed(self.config.seed, self.step, micro_index))
+        losses = self.objective.training_losses(self.forward, x, y)
+        balance = self.engine.module.balance_loss().float()
+        loss = losses["loss"].mean() + balance
+        self.engine.backward(loss)
+        metrics.add(loss=loss, mse=losses["mse"].mean(), vb=losses["vb"].mean(), balance_loss=balance,
+                    expert_counts=[layer.expert_counts for layer in self.moe_layers])
+
+    def log_step(self, metrics: StepMetrics, grad_norm: float) -> dict:
+        """Collective: this step's record (losses averaged over ranks, expert loads summed), written by rank 0."""
+        losses, loads = metrics.reduce()
+        elapsed = time.perf_counter() - self.window_start
+        record = {
+            "step": self.step, **losses, "grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"],
+            "samples_per_s": self.window_samples / elapsed, **expert_load_stats(loads.tolist(), self.moe_blocks),
+        }
+        if self.device.type == "cuda":
+            record["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if self.is_rank0:
+            self.writer.log(record)
+            print(f"step {self.step}/{self.config.steps} loss {record['loss']:.4f} mse {record['mse']:.4f} "
+                  f"vb {record['vb']:.4f} balance {record['balance_loss']:.5f} "
+                  f"grad_norm {grad_norm:.3f} {record['samples_per_s']:.1f} samples/s", flush=True)
+        self.window_start, self.window_samples = time.perf_counter(), 0
+        return record
+
+
+def train(config: TrainConfig) -> dict:
+    """Run training; returns the final metrics record (rank 0's view)."""
+    return Trainer(config).train()
