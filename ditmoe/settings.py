@@ -4,21 +4,23 @@ import ast
 import dataclasses
 import functools
 import inspect
+import io
 import json
+import textwrap
+import tokenize
 import types
 import typing
 
 
 @functools.cache
 def field_docs(cls) -> dict[str, str]:
-    """The attribute docstring (the string literal right under the field) of each field of ``cls``."""
-    body = ast.parse(inspect.getsource(cls)).body[0].body
-    docs = {}
-    for field, doc in zip(body, body[1:]):
-        if (isinstance(field, ast.AnnAssign) and isinstance(field.target, ast.Name) and isinstance(doc, ast.Expr)
-                and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)):
-            docs[field.target.id] = inspect.cleandoc(doc.value.value)
-    return docs
+    """The ``#:`` comment at the end of each field's line in ``cls`` (Sphinx's attribute-comment form)."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    comments = {token.start[0]: token.string.removeprefix("#:").strip()
+                for token in tokenize.generate_tokens(io.StringIO(source).readline)
+                if token.type == tokenize.COMMENT and token.string.startswith("#:")}
+    return {field.target.id: comments[field.lineno] for field in ast.parse(source).body[0].body
+            if isinstance(field, ast.AnnAssign) and isinstance(field.target, ast.Name) and field.lineno in comments}
 
 
 def type_name(kind) -> str:

@@ -13,50 +13,29 @@ class DiTConfig:
     ``num_experts == 0`` gives the dense DiT (GELU MLP of width ``mlp_ratio * hidden_size``).
     """
 
-    input_size: int = 32
-    """Latent height = width."""
-    patch_size: int = 2
-    """Side of the square patches the latent is cut into."""
-    in_channels: int = 4
-    """Latent channels."""
-    hidden_size: int = 1152
-    """Transformer width."""
-    depth: int = 28
-    """Number of transformer blocks."""
-    num_heads: int = 16
-    """Attention heads; divides hidden_size."""
-    mlp_ratio: float = 4.0
-    """Dense MLP width / hidden_size."""
-    num_classes: int = 1000
-    """Class labels (plus a null class for classifier-free guidance when class_dropout_prob > 0)."""
-    class_dropout_prob: float = 0.1
-    """Probability of training on the null class instead of the label."""
-    learn_sigma: bool = True
-    """Also predict the variance: out_channels = 2 * in_channels."""
-    qk_norm: bool = False
-    """Per-head LayerNorm on queries and keys (official XL/G checkpoints)."""
+    input_size: int = 32  #: Latent height = width.
+    patch_size: int = 2  #: Side of the square patches the latent is cut into.
+    in_channels: int = 4  #: Latent channels.
+    hidden_size: int = 1152  #: Transformer width.
+    depth: int = 28  #: Number of transformer blocks.
+    num_heads: int = 16  #: Attention heads; divides hidden_size.
+    mlp_ratio: float = 4.0  #: Dense MLP width / hidden_size.
+    num_classes: int = 1000  #: Class labels (plus a null class for guidance when class_dropout_prob > 0).
+    class_dropout_prob: float = 0.1  #: Probability of training on the null class instead of the label.
+    learn_sigma: bool = True  #: Also predict the variance: out_channels = 2 * in_channels.
+    qk_norm: bool = False  #: Per-head LayerNorm on queries and keys (official XL/G checkpoints).
 
     # Mixture of experts.
-    num_experts: int = 0
-    """Routed experts per MoE layer (0: dense DiT)."""
-    top_k: int = 2
-    """Token choice: experts each token is routed to."""
-    routing: str = "token_choice"
-    """'token_choice' (each token picks top_k experts) or 'expert_choice' (each expert picks tokens)."""
-    capacity_factor: float = 2.0
-    """Expert choice: each expert takes capacity_factor * T / E tokens."""
-    norm_topk_prob: bool = False
-    """Token choice: renormalise the k routing weights to sum to 1."""
-    expert_ratio: float = 4.0
-    """Expert SwiGLU width / hidden_size."""
-    num_shared_experts: int = 2
-    """Shared experts, each a SwiGLU of width shared_expert_ratio * hidden_size."""
-    shared_expert_ratio: float = 1.0
-    """Shared expert SwiGLU width / hidden_size."""
-    moe_placement: str = "all"
-    """Blocks with an MoE FFN: 'all', 'every_other' (odd blocks) or 'deep_half' (the second half)."""
-    balance_loss_alpha: float = 0.005
-    """Token choice: weight of the load-balancing auxiliary loss (training only)."""
+    num_experts: int = 0  #: Routed experts per MoE layer (0: dense DiT).
+    top_k: int = 2  #: Token choice: experts each token is routed to.
+    routing: str = "token_choice"  #: 'token_choice' (tokens pick top_k experts) or 'expert_choice' (experts pick).
+    capacity_factor: float = 2.0  #: Expert choice: each expert takes capacity_factor * T / E tokens.
+    norm_topk_prob: bool = False  #: Token choice: renormalise the k routing weights to sum to 1.
+    expert_ratio: float = 4.0  #: Expert SwiGLU width / hidden_size.
+    num_shared_experts: int = 2  #: Shared experts, each a SwiGLU of width shared_expert_ratio * hidden_size.
+    shared_expert_ratio: float = 1.0  #: Shared expert SwiGLU width / hidden_size.
+    moe_placement: str = "all"  #: MoE blocks: 'all', 'every_other' (odd blocks) or 'deep_half' (the second half).
+    balance_loss_alpha: float = 0.005  #: Token choice: weight of the load-balancing auxiliary loss (training only).
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:

@@ -15,70 +15,38 @@ class TrainConfig:
     """Everything a training run needs besides the model architecture (which ``preset`` and the model
     overrides give)."""
 
-    preset: str = "demo"
-    """Model preset name (a training preset such as 'demo' also sets the training defaults)."""
-    model_overrides: tuple[str, ...] = ()
-    """KEY=VALUE items applied to the preset's model config (set as model.KEY)."""
-    objective: str = "ddpm"
-    """Training objective: 'ddpm' or 'rectified_flow'."""
-    data: str = "digits"
-    """'digits' (embedded) or a directory of latent shards."""
-    out: str = "runs/demo"
-    """Output directory: config, metrics.jsonl, tensorboard/, checkpoints/."""
-    steps: int = 1000
-    """Optimizer steps to train for."""
-    global_batch_size: int = 256
-    """Samples per optimizer step over all ranks."""
-    micro_batch_size: int = 0
-    """Samples per rank per forward/backward (0: global_batch_size / world_size, no accumulation)."""
-    data_workers: int = 0
-    """Data loader worker processes per rank."""
-    seed: int = 0
-    """Random seed of initialization, data order and noise."""
-    lr: float = 1e-4
-    """Peak AdamW learning rate."""
-    lr_warmup_steps: int = 0
-    """Steps of linear learning rate warmup."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    adam_beta1: float = 0.9
-    """AdamW beta1."""
-    adam_beta2: float = 0.999
-    """AdamW beta2."""
-    grad_clip: float = 1.0
-    """Gradient norm clipping threshold."""
-    ema_decay: float = 0.9999
-    """Decay of the exponential moving average of the weights."""
-    precision: str = "auto"
-    """'fp32', 'bf16', or 'auto': the DeepSpeed config file's bf16 setting (fp32 without one)."""
-    zero_stage: int = 1
-    """DeepSpeed ZeRO stage, used unless the DeepSpeed config file sets one."""
-    ep_size: int = 1
-    """Expert-parallel group size through DeepSpeed AutoEP (1: off)."""
-    activation_checkpointing: int = 0
-    """Recompute every n-th block in backward (0: off, 1: every block)."""
-    deepspeed_config: str | None = None
-    """DeepSpeed JSON config file; batch sizes are filled in from these settings."""
-    resume: str | None = None
-    """Checkpoint to resume from: 'auto' (latest in out, if any) or a checkpoint directory."""
-    resume_universal: bool = False
-    """Resume through DeepSpeed's universal checkpoint (another world size, ZeRO stage or EP size)."""
-    log_every: int = 10
-    """Steps between metrics records."""
-    ckpt_every: int = 500
-    """Steps between checkpoints."""
-    tensorboard: bool = True
-    """Also write metrics as TensorBoard events."""
-    eval_samples: int = 1000
-    """Samples of the evaluation at the end of training (digits data); 0 skips it."""
-    eval_sampler: str = "ddim"
-    """Sampler of the final evaluation."""
-    eval_steps: int = 50
-    """Sampling steps of the final evaluation."""
-    eval_cfg_scale: float = 1.0
-    """Classifier-free guidance scale of the final evaluation."""
-    config_format: str = "toml"
-    """Format of the resolved experiment file written to out: 'toml' or 'yaml' (that of --config)."""
+    preset: str = "demo"  #: Model preset name (a training preset such as 'demo' also sets the training defaults).
+    model_overrides: tuple[str, ...] = ()  #: KEY=VALUE items applied to the preset's model config (set as model.KEY).
+    objective: str = "ddpm"  #: Training objective: 'ddpm' or 'rectified_flow'.
+    data: str = "digits"  #: 'digits' (embedded) or a directory of latent shards.
+    out: str = "runs/demo"  #: Output directory: config, metrics.jsonl, tensorboard/, checkpoints/.
+    steps: int = 1000  #: Optimizer steps to train for.
+    global_batch_size: int = 256  #: Samples per optimizer step over all ranks.
+    micro_batch_size: int = 0  #: Samples per rank per forward/backward (0: global_batch_size / world_size).
+    data_workers: int = 0  #: Data loader worker processes per rank.
+    seed: int = 0  #: Random seed of initialization, data order and noise.
+    lr: float = 1e-4  #: Peak AdamW learning rate.
+    lr_warmup_steps: int = 0  #: Steps of linear learning rate warmup.
+    weight_decay: float = 0.0  #: AdamW weight decay.
+    adam_beta1: float = 0.9  #: AdamW beta1.
+    adam_beta2: float = 0.999  #: AdamW beta2.
+    grad_clip: float = 1.0  #: Gradient norm clipping threshold.
+    ema_decay: float = 0.9999  #: Decay of the exponential moving average of the weights.
+    precision: str = "auto"  #: 'fp32', 'bf16', or 'auto': the DeepSpeed config file's bf16 setting (fp32 without one).
+    zero_stage: int = 1  #: DeepSpeed ZeRO stage, used unless the DeepSpeed config file sets one.
+    ep_size: int = 1  #: Expert-parallel group size through DeepSpeed AutoEP (1: off).
+    activation_checkpointing: int = 0  #: Recompute every n-th block in backward (0: off, 1: every block).
+    deepspeed_config: str | None = None  #: DeepSpeed JSON config file; batch sizes are filled in from these settings.
+    resume: str | None = None  #: Checkpoint to resume from: 'auto' (latest in out, if any) or a checkpoint directory.
+    resume_universal: bool = False  #: Resume through DeepSpeed's universal checkpoint (another world or EP size).
+    log_every: int = 10  #: Steps between metrics records.
+    ckpt_every: int = 500  #: Steps between checkpoints.
+    tensorboard: bool = True  #: Also write metrics as TensorBoard events.
+    eval_samples: int = 1000  #: Samples of the evaluation at the end of training (digits data); 0 skips it.
+    eval_sampler: str = "ddim"  #: Sampler of the final evaluation.
+    eval_steps: int = 50  #: Sampling steps of the final evaluation.
+    eval_cfg_scale: float = 1.0  #: Classifier-free guidance scale of the final evaluation.
+    config_format: str = "toml"  #: Format of the resolved settings file in out: 'toml' or 'yaml' (that of --config).
 
     def model_config(self) -> DiTConfig:
         return apply_overrides(get_preset(self.preset), list(self.model_overrides), "model")
