@@ -14,7 +14,7 @@ import torch
 
 from ditmoe.cli import Positive, make_parser, user_errors
 from ditmoe.data.image_shards import expand_shards
-from ditmoe.data.precompute import Precompute, Settings, rank_from_env
+from ditmoe.data.precompute import Precompute, Settings, rank_from_env, summary_lines
 
 
 def build_parser():
@@ -42,25 +42,6 @@ def parse_args(argv=None):
     return args
 
 
-def print_summary(totals: dict, rank: int, world_size: int, out: Path):
-    """This rank's counts and, from the last rank to finish, the dataset's."""
-    rate = totals["read"] / max(totals["seconds"], 1e-9)
-    print(f"rank {rank}/{world_size}: {totals['shards']} shards ({totals['skipped']} already done), "
-          f"read {totals['read']} = written {totals['written']} + rejected {totals['rejected']}, "
-          f"{totals['seconds']:.1f} s, {rate:.1f} img/s, decoded by {totals['decoded_by']}")
-    manifest = totals["manifest"]
-    if manifest is None:
-        print("other ranks still running: the last one to finish writes the manifest (rerun to retry)")
-        return
-    c = manifest["counts"]
-    print(f"dataset complete: {manifest['num_samples']} samples in {len(manifest['shards'])} shards; "
-          f"read {c['read']} = written {c['written']} + rejected {c['rejected']}; "
-          f"{out / 'manifest.json'}, rejects in {out / 'rejects.jsonl'}")
-    for shard in manifest["shards"]:
-        if shard["tar_error"]:
-            print(f"warning: {shard['source']}: {shard['tar_error']}")
-
-
 def main(argv=None):
     args = parse_args(argv)
     with user_errors(ImportError):  # bad input, settings or environment (no DALI): no traceback
@@ -69,7 +50,7 @@ def main(argv=None):
                             vae=args.vae, batch_size=args.batch_size, workers=args.workers, decoder=args.decoder,
                             device=args.device)
         totals = Precompute(settings, rank, world_size, local_rank).run()
-    print_summary(totals, rank, world_size, args.out)
+    print("\n".join(summary_lines(totals, rank, world_size, args.out)))
 
 
 if __name__ == "__main__":

@@ -265,3 +265,20 @@ class Precompute:
         )
         write_json_atomic(self.s.output / MANIFEST, manifest)
         return manifest
+
+
+def summary_lines(totals: dict, rank: int, world_size: int, out: Path) -> list[str]:
+    """What a finished rank reports: its counts and, from the last rank to finish, the dataset's."""
+    rate = totals["read"] / max(totals["seconds"], 1e-9)
+    lines = [f"rank {rank}/{world_size}: {totals['shards']} shards ({totals['skipped']} already done), "
+             f"read {totals['read']} = written {totals['written']} + rejected {totals['rejected']}, "
+             f"{totals['seconds']:.1f} s, {rate:.1f} img/s, decoded by {totals['decoded_by']}"]
+    manifest = totals["manifest"]
+    if manifest is None:
+        return lines + ["other ranks still running: the last one to finish writes the manifest (rerun to retry)"]
+    c = manifest["counts"]
+    lines.append(f"dataset complete: {manifest['num_samples']} samples in {len(manifest['shards'])} shards; "
+                 f"read {c['read']} = written {c['written']} + rejected {c['rejected']}; "
+                 f"{out / 'manifest.json'}, rejects in {out / 'rejects.jsonl'}")
+    return lines + [f"warning: {shard['source']}: {shard['tar_error']}" for shard in manifest["shards"]
+                    if shard["tar_error"]]
