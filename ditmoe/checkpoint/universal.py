@@ -28,14 +28,14 @@ def convert(tag_dir: Path) -> Path:
     out = universal_dir(tag_dir)
     if out.is_dir():
         return out
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
     proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
-                           "--output_folder", str(partial)], capture_output=True, text=True)
+                           "--output_folder", str(staging)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"ds_to_universal failed on {tag_dir}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    add_both_names(partial / "zero")
-    partial.rename(out)
+    add_both_names(staging / "zero")
+    staging.rename(out)
     (out.parent / "latest_universal").write_text(out.name)
     return out
 

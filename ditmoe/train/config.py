@@ -116,10 +116,9 @@ def overridden_keys(config: TrainConfig) -> list[str]:
     return list(dict.fromkeys(item.partition("=")[0] for item in config.model_overrides))
 
 
-def experiment(config: TrainConfig) -> dict:
+def experiment(config: TrainConfig, model: DiTConfig) -> dict:
     """The experiment file contents that repeat ``config``: training fields, and the model overrides as a
-    ``model`` table (the preset gives the rest of the model config)."""
-    model = config.model_config()
+    ``model`` table (the preset gives the rest of the model config); ``model`` is ``config.model_config()``."""
     train = {k: v for k, v in dataclasses.asdict(config).items() if k != "model_overrides"}
     return {**train, "model": {key: getattr(model, key) for key in overridden_keys(config)}}
 
@@ -127,9 +126,10 @@ def experiment(config: TrainConfig) -> dict:
 def write_run_config(config: TrainConfig, out: Path) -> None:
     """Write ``out/config.json`` (the training config and the model config it resolves to) and the experiment
     file that repeats the run, ``out/config.toml`` or ``out/config.yaml`` (``config.config_format``)."""
-    record = {"train": config.to_dict(), "model": config.model_config().to_dict()}
+    model = config.model_config()
+    record = {"train": config.to_dict(), "model": model.to_dict()}
     (Path(out) / "config.json").write_text(json.dumps(record, indent=2))
     header = "# The resolved settings of this run: --config THIS_FILE repeats it. Model settings not in the model\n"
     header += "# table are the preset's (config.json lists the whole model config).\n"
-    text = header + dump_config(experiment(config), config.config_format)
+    text = header + dump_config(experiment(config, model), config.config_format)
     (Path(out) / f"config.{config.config_format}").write_text(text)
