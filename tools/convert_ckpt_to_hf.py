@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ditmoe.cli import Positive, make_parser, user_errors
 from ditmoe.hf.export import DTYPES, export
-from ditmoe.hf.official import SOURCES, load_published
+from ditmoe.hf.official import SOURCES, default_objective, load_published
 from ditmoe.inference import load_model
 
 
@@ -44,7 +44,7 @@ def load(args):
         model, meta = load_model(args.ckpt, weights=args.weights, tag=args.tag)
         return model, meta["train_config"]["objective"]
     model = load_published(args.ckpt, args.source, num_heads=args.num_heads, top_k=args.top_k)
-    return model, args.objective or ("rectified_flow" if model.config.qk_norm else "ddpm")
+    return model, args.objective or default_objective(model.config)
 
 
 def main(argv=None):

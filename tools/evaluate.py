@@ -12,14 +12,12 @@ otherwise computed from its arr_0; precision and recall need its arr_0. --write-
 reference batch (those statistics and the 3-channel arr_0) for the images of --samples.
 """
 
-import json
 import os
-from pathlib import Path
 
 import torch
 
 from ditmoe.cli import Positive, make_parser, user_errors
-from ditmoe.eval.adm_evaluator import evaluate_samples, write_reference_batch
+from ditmoe.eval.adm_evaluator import evaluate_samples, write_metrics, write_reference_batch
 
 WEIGHTS_ENV = "DITMOE_INCEPTION_WEIGHTS"
 METRICS = {"inception_score": "Inception Score", "fid": "FID", "sfid": "sFID", "precision": "Precision",
@@ -61,8 +59,7 @@ def main(argv=None):
     for key, label in METRICS.items():
         print(f"{label}: {'n/a' if metrics[key] is None else metrics[key]}")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({**metrics, "samples": args.samples, "ref": args.ref}, indent=2) + "\n")
+        write_metrics(args.out, metrics, args.samples, args.ref)
         print(f"wrote {args.out}")
 
 

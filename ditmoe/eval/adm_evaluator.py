@@ -5,8 +5,10 @@ precision and recall against a reference batch, and the writing of such referenc
 channels. Images are streamed (reference batches reach tens of GB).
 """
 
+import json
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -143,3 +145,9 @@ def evaluate_samples(samples: str, ref: str, weights: str, batch_size: int = 64,
         metrics["precision"], metrics["recall"] = precision_recall(ref_outputs["pool"], sample_outputs["pool"],
                                                                    device=device)
     return metrics
+
+
+def write_metrics(path: str, metrics: dict, samples: str, ref: str) -> None:
+    """``metrics`` of ``samples`` against ``ref`` as a JSON file (its folder created)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({**metrics, "samples": samples, "ref": ref}, indent=2) + "\n")

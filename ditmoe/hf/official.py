@@ -77,6 +77,12 @@ def load_published(path: str | Path, source: str, *, num_heads: int | None = Non
     return model.eval()
 
 
+def default_objective(config: DiTConfig) -> str:
+    """The objective a published model was trained with: rectified flow for the official q/k-norm XL/G
+    layout, DDPM otherwise."""
+    return "rectified_flow" if config.qk_norm else "ddpm"
+
+
 def _require(state: dict, key: str) -> torch.Tensor:
     if key not in state:
         raise KeyError(f"missing key {key!r}")
