@@ -1,6 +1,6 @@
 """Print total/activated parameters and forward GFLOPs of a preset, computed on the meta device.
 
-    python tools/model_card.py --preset DiT-MoE-G/2-16E2A [--json] [--set routing=expert_choice ...]
+    python tools/model_card.py --preset DiT-MoE-G/2-16E2A [--json] [--set model.routing=expert_choice ...]
 """
 
 import json
@@ -14,7 +14,8 @@ from ditmoe.settings import apply_overrides
 def build_parser():
     parser = make_parser(__doc__)
     parser.add_argument("--preset", help="model preset name (see --list)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a model config field")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a model setting: KEY=VALUE, or model.KEY=VALUE as the trainer takes it")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--list", action="store_true", help="list the preset names")
     return parser
@@ -29,7 +30,7 @@ def main(argv=None):
     if not args.preset:
         parser.error("--preset is required (or --list)")
     try:
-        config = apply_overrides(get_preset(args.preset), args.set, "model")
+        config = apply_overrides(get_preset(args.preset), [item.removeprefix("model.") for item in args.set], "model")
     except ValueError as err:
         parser.error(str(err))
     card = {"preset": args.preset, **model_card(config), "config": config.to_dict()}

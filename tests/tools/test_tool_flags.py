@@ -1,5 +1,7 @@
 """Every tool documents every flag, and the flags renamed to the training command's names keep their old spellings."""
 
+import json
+
 import pytest
 
 from conftest import load_tool
@@ -35,3 +37,13 @@ def test_documented_flags_match_the_training_command():
              for flag in action.option_strings}
     assert {"--zero-stage", "--micro-batch-size", "--activation-checkpointing", "--resolution", "--out"} <= flags
     assert not flags & {"--zero", "--micro-batch", "--act-ckpt", "--image-size", "--output"}
+
+
+def test_model_card_takes_model_settings_as_the_training_command_spells_them(capsys):
+    def card(*sets):
+        load_tool("model_card").main(["--preset", "tiny", "--json", *(a for s in sets for a in ("--set", s))])
+        return json.loads(capsys.readouterr().out)
+
+    plain, prefixed = card("depth=3", "routing=expert_choice"), card("model.depth=3", "model.routing=expert_choice")
+    assert prefixed == plain and plain["config"]["depth"] == 3 and plain["config"]["routing"] == "expert_choice"
+    assert plain != card()
