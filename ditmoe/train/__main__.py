@@ -11,12 +11,12 @@ import json
 from ..cli import make_parser, user_errors
 from ..model import get_preset
 from ..settings import describe, field_docs
-from .config import TrainConfig, preset_train_config, resolve_config
+from .config import TrainConfig, apply_settings, preset_train_config, read_experiment
 
 DOCS = field_docs(TrainConfig)
 
 
-def parse_args(argv=None):
+def build_parser():
     p = make_parser(__doc__, prog="python -m ditmoe.train")
     p.add_argument("--preset", help="training preset ('demo') or any model preset name (default: demo)")
     p.add_argument("--config", metavar="FILE",
@@ -40,7 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training setting (lr=3e-4) or a model setting (model.depth=6); repeatable")
     p.add_argument("--local-rank", type=int, aliases=["--local_rank"], help=argparse.SUPPRESS)  # deepspeed launcher
-    return p.parse_args(argv)
+    return p
 
 
 FLAG_FIELDS = (
@@ -49,8 +49,17 @@ FLAG_FIELDS = (
 )
 
 
-def build_config(args) -> TrainConfig:
-    return resolve_config(args.config, {name: getattr(args, name) for name in FLAG_FIELDS}, args.set)
+def parse_settings(argv=None) -> tuple[argparse.Namespace, TrainConfig]:
+    """The flags and the settings they resolve to. A bad experiment file is a runtime error (exit 1, the file
+    named); a bad flag or ``--set`` item is a usage error (exit 2, the setting named)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    with user_errors():
+        experiment = read_experiment(args.config) if args.config else ({}, {})
+    try:
+        return args, apply_settings(experiment, {name: getattr(args, name) for name in FLAG_FIELDS}, args.set)
+    except ValueError as err:
+        parser.error(str(err))
 
 
 def settings_listing(preset: str) -> str:
@@ -64,9 +73,8 @@ def settings_listing(preset: str) -> str:
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args, config = parse_settings(argv)
     with user_errors():
-        config = build_config(args)
         if args.list_settings:
             print(settings_listing(config.preset))
             return

@@ -75,7 +75,13 @@ def preset_train_config(preset: str) -> TrainConfig:
 
 def resolve_config(config_file: str | None, flags: dict, overrides: list[str]) -> TrainConfig:
     """Preset defaults < experiment file < ``flags`` (field -> value; ``None``: not given) < ``--set`` items."""
-    train, model = read_experiment(config_file) if config_file else ({}, {})
+    return apply_settings(read_experiment(config_file) if config_file else ({}, {}), flags, overrides)
+
+
+def apply_settings(experiment: tuple[dict, dict], flags: dict, overrides: list[str]) -> TrainConfig:
+    """Preset defaults < ``experiment`` (training and model settings, from :func:`read_experiment`) < ``flags``
+    < ``--set`` items."""
+    train, model = experiment
     config = preset_train_config(flags.get("preset") or train.get("preset", "demo"))
     items = tuple(f"{key}={format_value(value)}" for key, value in model.items())
     config = dataclasses.replace(config, **train, model_overrides=config.model_overrides + items)
@@ -92,6 +98,8 @@ def read_experiment(path: str) -> tuple[dict, dict]:
         if not isinstance(model, dict):
             raise ValueError(f"'model' must be a table of model settings, got {model!r}")
         train = check_values(TrainConfig, train, "training", exclude=("model_overrides",))
+        if "preset" in train:
+            get_preset(train["preset"])  # an unknown name is an error of the file
         model = check_values(DiTConfig, model, "model")
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None

@@ -59,6 +59,7 @@ def test_preset_from_file_and_from_flag(tmp_path):
     ("a.toml", "model_overrides = []\n", "a.toml: unknown training setting 'model_overrides'"),
     ("a.toml", "steps = \n", "a.toml: invalid TOML"),
     ("a.json", "{}", "a.json: unknown config file extension '.json'"),
+    ("a.toml", 'preset = "nope"\n', "a.toml: unknown preset 'nope'"),
 ])
 def test_file_errors_name_file_and_key(tmp_path, name, text, message):
     (tmp_path / name).write_text(text)

@@ -6,7 +6,7 @@ import pytest
 
 from ditmoe.model import DiTConfig
 from ditmoe.settings import check_value, field_docs, format_value, parse_value
-from ditmoe.train.__main__ import main, parse_args
+from ditmoe.train.__main__ import build_parser, main
 from ditmoe.train.config import TrainConfig, resolve_config
 
 
@@ -46,7 +46,7 @@ def test_list_settings_prints_every_key_with_preset_defaults(capsys):
 
 def test_every_flag_has_help(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        parse_args(["--help"])
+        build_parser().parse_args(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for flag in ["--config", "--list-settings", "--activation-checkpointing", "--steps", "--set"]:
@@ -55,19 +55,22 @@ def test_every_flag_has_help(capsys):
 
 def test_usage_error_exits_2_naming_the_option(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        parse_args(["--activation-checkpointing", "two"])
+        build_parser().parse_args(["--activation-checkpointing", "two"])
     assert exit_info.value.code == 2
     assert "--activation-checkpointing" in capsys.readouterr().err
 
 
-def test_runtime_error_exits_1_with_message():
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--set", "learning_rate=1", "--list-settings"])
-    assert str(exit_info.value.code).startswith("error: unknown training config key 'learning_rate'")
+def test_bad_setting_is_a_usage_error_naming_it(capsys):
+    for argv, message in [(["--set", "learning_rate=1"], "unknown training config key 'learning_rate'"),
+                          (["--set", "model.top_k=9"], "top_k=9 must be between 1 and num_experts=4"),
+                          (["--preset", "DiT-MoE-Q/2"], "unknown preset 'DiT-MoE-Q/2'")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--list-settings"])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_activation_checkpointing_flag_and_old_aliases():
-    args = parse_args(["--activation-checkpointing", "2", "--local_rank=1"])
+    args = build_parser().parse_args(["--activation-checkpointing", "2", "--local_rank=1"])
     assert args.activation_checkpointing == 2 and args.local_rank == 1
     config = resolve_config(None, {"activation_checkpointing": 2}, [])
     assert config.activation_checkpointing == 2
