@@ -107,7 +107,7 @@ train_main() {
   add_arg --precision "$PRECISION"
   add_arg --deepspeed-config "$DS_CONFIG"
   add_arg --ep-size "$EP_SIZE"
-  add_arg --set "${ACT_CKPT:+activation_checkpointing=$ACT_CKPT}"
+  add_arg --activation-checkpointing "$ACT_CKPT"
   add_arg --set "${INPUT_SIZE:+model.input_size=$INPUT_SIZE}"
   local extra
   read -r -a extra <<<"$EXTRA_ARGS"
@@ -117,11 +117,8 @@ train_main() {
   echo "command: $PYTHON -m ditmoe.train ${ARGS[*]}"
   echo "resolved config:"
   "$PYTHON" -c 'import json, sys
-from ditmoe.train.__main__ import build_config, parse_args
-try:
-    config = build_config(parse_args(sys.argv[1:]))
-except ValueError as err:
-    sys.exit(f"error: {err}")
+from ditmoe.train.__main__ import parse_settings
+_, config = parse_settings(sys.argv[1:])  # bad settings exit with a clear error
 print(json.dumps({"train": config.to_dict(), "model": config.model_config().to_dict()}))' "${ARGS[@]}"
   run_preemptible USR1 srun --label --kill-on-bad-exit=1 "$PYTHON" -m ditmoe.train "${ARGS[@]}"
 }
