@@ -13,6 +13,9 @@ The latent is ``(mean + std * ε) * scaling_factor`` of the chosen view.
 Workers: batch ``t`` (counted across epochs) is built by worker ``t mod num_workers``, and torch's
 ``DataLoader`` hands out worker results in turn, so batches come in the same order for any
 ``num_workers``. Samples are read by offset (fixed-size records, see ``latent_format``).
+
+Pinning: with CUDA available, batches come in pinned (page-locked) host memory, so the trainer's
+copies to the GPU with ``non_blocking=True`` do not wait for the device.
 """
 
 import hashlib
@@ -24,6 +27,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .latent_format import RecordReader, read_manifest, verify_shards
+
+
+def _pinned(batch):
+    x, y = batch
+    return x.pin_memory(), y.pin_memory()
 
 
 def _sample_seed(seed, epoch, index):
@@ -99,10 +107,12 @@ class LatentLoader:
     ``verify="sha256"`` this rank also checks the checksums of shards ``rank::world_size`` (so the
     ranks share the work; any bad shard stops the job with an error naming it). Use
     ``verify="size"`` to skip checksums. Iterate one loop at a time; ``state_dict`` gives the
-    position after the last batch handed out.
+    position after the last batch handed out. ``pin_memory`` (default: whether CUDA is available)
+    hands out batches in pinned memory.
     """
 
-    def __init__(self, root, batch_size, *, seed, rank=0, world_size=1, num_workers=0, verify="sha256"):
+    def __init__(self, root, batch_size, *, seed, rank=0, world_size=1, num_workers=0, verify="sha256",
+                 pin_memory=None):
         if not (isinstance(seed, int) and seed >= 0):
             raise ValueError(f"seed must be an int >= 0, got {seed!r}")
         if not 0 <= rank < world_size:
@@ -117,6 +127,7 @@ class LatentLoader:
             verify_shards(root, manifest["shards"][rank::world_size], checksum=True)
         self.manifest = manifest
         self.num_workers = num_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self._data = _Batches(root, manifest, batch_size, seed, rank, world_size)
         if self._data.batches_per_epoch == 0:
             raise ValueError(
@@ -148,9 +159,10 @@ class LatentLoader:
     def __iter__(self):
         self._data.start = self._next
         if self.num_workers == 0:
-            batches = iter(self._data)
-        else:
-            batches = iter(DataLoader(self._data, batch_size=None, num_workers=self.num_workers))
+            batches = map(_pinned, self._data) if self.pin_memory else iter(self._data)
+        else:  # the DataLoader pins in a thread of this process
+            batches = iter(DataLoader(self._data, batch_size=None, num_workers=self.num_workers,
+                                      pin_memory=self.pin_memory))
         for batch in batches:
             self._next += 1
             yield batch

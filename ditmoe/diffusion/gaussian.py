@@ -44,12 +44,6 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _gather(values: np.ndarray, t: Tensor, ref: Tensor) -> Tensor:
-    """``values[t]`` shaped (N, 1, ..., 1) for broadcasting against ``ref``, in ref's dtype."""
-    picked = torch.from_numpy(values).to(t.device)[t]  # (N,) float64
-    return picked.to(ref.dtype).reshape(-1, *([1] * (ref.ndim - 1)))
-
-
 def _mean_flat(x: Tensor) -> Tensor:
     """Mean over all non-batch dimensions: (N, ...) -> (N,)."""
     return x.mean(dim=tuple(range(1, x.ndim)))
@@ -94,6 +88,7 @@ class GaussianDiffusion(Objective):
         self.timestep_map = timestep_map
         self.learn_sigma = learn_sigma
         self._respaced: dict[str, GaussianDiffusion] = {}
+        self._device_tables: dict[tuple[int, torch.device], Tensor] = {}  # (id of a table, device) -> its copy
 
         alphas = 1.0 - betas
         self.alphas_cumprod = np.cumprod(alphas)
@@ -112,6 +107,19 @@ class GaussianDiffusion(Objective):
         self.log_betas = np.log(betas)
         self.fixed_log_variance = np.log(np.append(self.posterior_variance[1], betas[1:]))
 
+    def _on_device(self, values: np.ndarray, device: torch.device) -> Tensor:
+        """One of this process's tables as a tensor on ``device``, copied once (a host-to-device copy per
+        call would wait for the device)."""
+        key = (id(values), torch.device(device))
+        if key not in self._device_tables:
+            self._device_tables[key] = torch.from_numpy(values).to(device)
+        return self._device_tables[key]
+
+    def _gather(self, values: np.ndarray, t: Tensor, ref: Tensor) -> Tensor:
+        """``values[t]`` shaped (N, 1, ..., 1) for broadcasting against ``ref``, in ref's dtype."""
+        picked = self._on_device(values, t.device)[t]  # (N,) float64
+        return picked.to(ref.dtype).reshape(-1, *([1] * (ref.ndim - 1)))
+
     def respace(self, spec: str) -> GaussianDiffusion:
         """The process restricted to the steps kept by ``spec`` (cached), e.g. "250" or "ddim50"."""
         if spec not in self._respaced:
@@ -121,7 +129,7 @@ class GaussianDiffusion(Objective):
 
     def model_timesteps(self, t: Tensor) -> Tensor:
         """Map step indices of this (possibly respaced) process to the original int64 timesteps."""
-        return torch.from_numpy(self.timestep_map).to(t.device)[t]
+        return self._on_device(self.timestep_map, t.device)[t]
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor | None = None) -> Tensor:
         """Draw x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I); same dtype as x0."""
@@ -129,8 +137,8 @@ class GaussianDiffusion(Objective):
             noise = torch.randn_like(x0)
         work = _work_dtype(x0.dtype)
         x0w, noisew = x0.to(work), noise.to(work)
-        signal = _gather(self.sqrt_alphas_cumprod, t, x0w)
-        noise_scale = _gather(self.sqrt_one_minus_alphas_cumprod, t, x0w)
+        signal = self._gather(self.sqrt_alphas_cumprod, t, x0w)
+        noise_scale = self._gather(self.sqrt_one_minus_alphas_cumprod, t, x0w)
         x_t = signal * x0w + noise_scale * noisew
         return x_t.to(x0.dtype)
 
@@ -138,21 +146,21 @@ class GaussianDiffusion(Objective):
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0), in working precision."""
         work = _work_dtype(x_t.dtype)
         x0, x_t = x0.to(work), x_t.to(work)
-        mean = _gather(self.posterior_mean_coef1, t, x_t) * x0 + _gather(self.posterior_mean_coef2, t, x_t) * x_t
-        variance = _gather(self.posterior_variance, t, x_t).expand_as(x_t)
-        log_variance = _gather(self.posterior_log_variance_clipped, t, x_t).expand_as(x_t)
+        coef1, coef2 = self._gather(self.posterior_mean_coef1, t, x_t), self._gather(self.posterior_mean_coef2, t, x_t)
+        mean = coef1 * x0 + coef2 * x_t
+        variance = self._gather(self.posterior_variance, t, x_t).expand_as(x_t)
+        log_variance = self._gather(self.posterior_log_variance_clipped, t, x_t).expand_as(x_t)
         return mean, variance, log_variance
 
     def predict_xstart_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
-        recip = _gather(self.sqrt_recip_alphas_cumprod, t, x_t)
-        return recip * x_t - _gather(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+        recip = self._gather(self.sqrt_recip_alphas_cumprod, t, x_t)
+        return recip * x_t - self._gather(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
 
     def predict_eps_from_xstart(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
         """Inverse of :meth:`predict_xstart_from_eps`."""
-        return (_gather(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0) / _gather(
-            self.sqrt_recipm1_alphas_cumprod, t, x_t
-        )
+        recip = self._gather(self.sqrt_recip_alphas_cumprod, t, x_t)
+        return (recip * x_t - x0) / self._gather(self.sqrt_recipm1_alphas_cumprod, t, x_t)
 
     def split_output(self, model_out: Tensor, channels: int) -> tuple[Tensor, Tensor | None]:
         """Split (N, 2C, ...) into (eps, v) when sigma is learned, else return (eps, None)."""
@@ -177,10 +185,10 @@ class GaussianDiffusion(Objective):
         x_t = x_t.to(work)
         eps, v = self.split_output(model_out.to(work), x_t.shape[1])
         if v is None:
-            log_variance = _gather(self.fixed_log_variance, t, x_t).expand_as(x_t)
+            log_variance = self._gather(self.fixed_log_variance, t, x_t).expand_as(x_t)
         else:
-            min_log = _gather(self.posterior_log_variance_clipped, t, x_t)
-            max_log = _gather(self.log_betas, t, x_t)
+            min_log = self._gather(self.posterior_log_variance_clipped, t, x_t)
+            max_log = self._gather(self.log_betas, t, x_t)
             frac = (v + 1.0) / 2.0
             log_variance = frac * max_log + (1.0 - frac) * min_log
         pred_xstart = self.predict_xstart_from_eps(x_t, t, eps)
@@ -214,15 +222,16 @@ class GaussianDiffusion(Objective):
         return torch.where(t == 0, decoder_nll, kl)
 
     def training_losses(
-        self, model: Model, x0: Tensor, y: Tensor, *, t: Tensor | None = None, noise: Tensor | None = None
+        self, model: Model, x0: Tensor, y: Tensor, *, t: Tensor | None = None, noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> dict[str, Tensor]:
         """Per-sample 'loss' = 'mse' + 'vb', each (N,). ``t``/``noise`` default to draws from
-        torch's global RNG (randint then randn, on x0's device)."""
+        ``generator`` (torch's global RNG if None): randint then randn, on x0's device."""
         n = x0.shape[0]
         if t is None:
-            t = torch.randint(0, self.num_timesteps, (n,), device=x0.device)
+            t = torch.randint(0, self.num_timesteps, (n,), device=x0.device, generator=generator)
         if noise is None:
-            noise = torch.randn_like(x0)
+            noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         x_t = self.q_sample(x0, t, noise)  # (N, C, H, W)
         model_out = model(x_t, self.model_timesteps(t), y)  # (N, 2C or C, H, W)
         work = _work_dtype(x0.dtype)
@@ -249,8 +258,8 @@ class GaussianDiffusion(Objective):
         out = self.p_mean_variance(model, x, t, y, clip_denoised)
         x_w, pred_xstart = x.to(out["mean"].dtype), out["pred_xstart"]
         eps = self.predict_eps_from_xstart(x_w, t, pred_xstart)
-        abar = _gather(self.alphas_cumprod, t, x_w)
-        abar_prev = _gather(self.alphas_cumprod_prev, t, x_w)
+        abar = self._gather(self.alphas_cumprod, t, x_w)
+        abar_prev = self._gather(self.alphas_cumprod_prev, t, x_w)
         sigma = eta * torch.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
         x_prev = pred_xstart * torch.sqrt(abar_prev) + torch.sqrt((1.0 - abar_prev - sigma**2).clamp(min=0.0)) * eps
         if eta > 0:

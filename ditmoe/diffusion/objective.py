@@ -14,7 +14,8 @@ from .guidance import ClassifierFreeGuidance, Model
 class Objective(Protocol):
     """A training objective with its samplers.
 
-    ``training_losses(model, x0, y)`` returns per-sample (N,) 'loss', 'mse' and 'vb'. Objectives subclass
+    ``training_losses(model, x0, y, generator=g)`` returns per-sample (N,) 'loss', 'mse' and 'vb', drawing its
+    timesteps and noise from ``g``. Objectives subclass
     this protocol and inherit :meth:`sample`; they name their samplers in ``samplers`` (name -> default
     number of steps) and ``default_sampler``, and run one in ``_run_sampler``.
     """
@@ -22,7 +23,9 @@ class Objective(Protocol):
     samplers: ClassVar[dict[str, int]]
     default_sampler: ClassVar[str]
 
-    def training_losses(self, model: Model, x0: Tensor, y: Tensor) -> dict[str, Tensor]: ...
+    def training_losses(
+        self, model: Model, x0: Tensor, y: Tensor, *, generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]: ...
 
     def _run_sampler(
         self, net: Model, noise: Tensor, y: Tensor, sampler: str, steps: int, *, eta: float, clip_denoised: bool,

@@ -43,9 +43,11 @@ class RectifiedFlow(Objective):
         self.logit_mean = float(logit_mean)
         self.logit_std = float(logit_std)
 
-    def sample_t(self, n: int, device: torch.device | str | None = None) -> Tensor:
-        """Logit-normal times (n,) in (0, 1), float32, from torch's global RNG; median sigmoid(m)."""
-        return torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(n, device=device))
+    def sample_t(self, n: int, device: torch.device | str | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """Logit-normal times (n,) in (0, 1), float32, from ``generator`` (torch's global RNG if None);
+        median sigmoid(m)."""
+        return torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(n, device=device, generator=generator))
 
     @staticmethod
     def interpolate(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
@@ -67,15 +69,16 @@ class RectifiedFlow(Objective):
         return out[:, :channels]
 
     def training_losses(
-        self, model: Model, x0: Tensor, y: Tensor, *, t: Tensor | None = None, noise: Tensor | None = None
+        self, model: Model, x0: Tensor, y: Tensor, *, t: Tensor | None = None, noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> dict[str, Tensor]:
         """Per-sample (N,) 'loss' == 'mse' and zero 'vb'. ``t`` then ``noise`` default to draws
-        from torch's global RNG on x0's device."""
+        from ``generator`` (torch's global RNG if None) on x0's device."""
         work = torch.promote_types(x0.dtype, torch.float32)
         if t is None:
-            t = self.sample_t(x0.shape[0], x0.device)
+            t = self.sample_t(x0.shape[0], x0.device, generator)
         if noise is None:
-            noise = torch.randn_like(x0)
+            noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         t = t.to(work)
         x_t = self.interpolate(x0, noise, t)  # (N, C, H, W)
         v_pred = self.velocity(model, x_t, t, y).to(work)

@@ -101,7 +101,10 @@ class DiT(nn.Module):
         x = x.reshape(x.shape[0], h, w, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                drop_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (N, C, H, W) latents, t: (N,) timesteps, y: (N,) labels; ``drop_labels`` (N,) bool replaces
+        labels by the null class (classifier-free guidance training; drawn inside when None)."""
         cfg = self.config
         if x.shape[1:] != (cfg.in_channels, cfg.input_size, cfg.input_size):
             raise ValueError(
@@ -109,7 +112,7 @@ class DiT(nn.Module):
                 f"(N, {cfg.in_channels}, {cfg.input_size}, {cfg.input_size})"
             )
         x = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (N, T, D)
-        c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
+        c = self.t_embedder(t) + self.y_embedder(y, drop_labels)  # (N, D)
         for block in self.blocks:
             x = block(x, c)
         return self.unpatchify(self.final_layer(x, c))  # (N, C_out, H, W)

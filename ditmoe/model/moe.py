@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .config import DiTConfig
+from .grouped_gemm import grouped_linear
 from .mlp import SwiGLU
 from .routing import Routing, expert_capacity, expert_choice, token_choice
 
@@ -39,40 +40,22 @@ class GroupedExperts(nn.Module):
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: (A, D) tokens sorted by expert, ``counts[e]`` of them for expert e ((E,) int64). Returns (A, D).
 
-        bf16 runs one grouped GEMM per projection (no per-expert launches, no host synchronisation);
-        other dtypes loop over the experts (``torch._grouped_mm`` has no fp32 backward).
+        One grouped GEMM per projection in every dtype: no per-expert launches, no host synchronisation.
         """
-        if x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
-            return self._grouped(x, counts)
-        return self._looped(x, counts.tolist())
-
-    def _grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         offsets = torch.cumsum(counts, 0).to(torch.int32)  # (E,) end of each expert's rows
-        gate_up = torch._grouped_mm(x, self.gate_up_proj.transpose(-2, -1), offs=offsets)  # (A, 2F)
-        gate, up = gate_up.chunk(2, dim=-1)  # (A, F) each
-        return torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=offsets)  # (A, D)
-
-    def _looped(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        outputs = []
-        # unbind once: one gradient stack in backward instead of a full-size zero tensor per expert
-        weights = zip(self.gate_up_proj.unbind(0), self.down_proj.unbind(0))
-        for chunk, (gate_up_proj, down_proj) in zip(torch.split(x, counts), weights):
-            if chunk.shape[0] == 0:
-                continue
-            gate, up = F.linear(chunk, gate_up_proj).chunk(2, dim=-1)  # (n_e, F) each
-            outputs.append(F.linear(F.silu(gate) * up, down_proj))  # (n_e, D)
-        return torch.cat(outputs) if outputs else x.new_zeros(0, x.shape[1])
+        gate, up = grouped_linear(x, self.gate_up_proj, offsets).chunk(2, dim=-1)  # (A, F) each
+        return grouped_linear(F.silu(gate) * up, self.down_proj, offsets)  # (A, D)
 
 
 def dispatch(x: torch.Tensor, routing: Routing, experts: GroupedExperts) -> torch.Tensor:
-    """Sort assignments by expert, run each expert on its contiguous slice, weight and scatter-add back.
+    """Sort assignments by expert, run the experts on their contiguous slices, weight and scatter-add back:
+    one gather in, one weighted scatter out.
 
     x: (T, D). Returns (T, D).
     """
     order = torch.argsort(routing.expert_index, stable=True)  # (A,)
     token = routing.token_index[order]
-    counts = torch.bincount(routing.expert_index, minlength=experts.num_experts)  # (E,)
-    out = experts(x.index_select(0, token), counts)  # (A, D)
+    out = experts(x.index_select(0, token), routing.tokens_per_expert)  # (A, D)
     out = out * routing.weight[order].to(out.dtype)[:, None]
     return torch.zeros_like(x).index_add_(0, token, out)
 

@@ -1,7 +1,8 @@
 """Routers: token-choice top-k with DiT-MoE's expert-level balance loss, and EC-DiT's expert choice.
 
 Both return a :class:`Routing`, a flat list of (token, expert, weight) assignments, so one dispatch
-serves both.
+serves both. Every shape is fixed by the input's shape (no data-dependent sizes), so routing never
+reads a value back to the host and compiles without graph breaks.
 """
 
 import math
@@ -19,15 +20,20 @@ class Routing:
     tokens_per_expert: torch.Tensor  # (E,) int64
 
 
-def balance_loss(probs: torch.Tensor, expert_index: torch.Tensor, top_k: int, alpha: float) -> torch.Tensor:
+def count_per_expert(expert_index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(E,) int64 assignments per expert: a scatter-add into E slots (``bincount`` would read its max back)."""
+    flat = expert_index.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
+def balance_loss(probs: torch.Tensor, counts: torch.Tensor, top_k: int, alpha: float) -> torch.Tensor:
     """Expert-level balance loss α·Σ_i f_i·P_i of DiT-MoE (DeepSeek-MoE).
 
-    probs: (T, E) router softmax; expert_index: (T, k) chosen experts.
+    probs: (T, E) router softmax; counts: (E,) assignments per expert (``count_per_expert``).
     f_i = E·(assignments to i)/(k·T), P_i = mean_t probs[t, i]; a perfectly balanced router gives α.
     """
     num_tokens, num_experts = probs.shape
-    counts = torch.bincount(expert_index.reshape(-1), minlength=num_experts).to(probs.dtype)
-    f = counts * num_experts / (top_k * num_tokens)  # (E,)
+    f = counts.to(probs.dtype) * num_experts / (top_k * num_tokens)  # (E,)
     return alpha * (f * probs.mean(0)).sum()
 
 
@@ -38,14 +44,15 @@ def token_choice(logits: torch.Tensor, top_k: int, normalize: bool, alpha: float
     weight, expert = probs.topk(top_k, dim=-1)  # (T, k)
     if normalize:
         weight = weight / weight.sum(dim=-1, keepdim=True)
-    aux = balance_loss(probs, expert, top_k, alpha) if alpha > 0 else probs.new_zeros(())
-    token = torch.arange(num_tokens, device=logits.device).repeat_interleave(top_k)  # (T*k,)
+    counts = count_per_expert(expert, num_experts)  # (E,)
+    aux = balance_loss(probs, counts, top_k, alpha) if alpha > 0 else probs.new_zeros(())
+    token = torch.arange(num_tokens, device=logits.device)[:, None].expand(-1, top_k)  # (T, k)
     return Routing(
-        token_index=token,
+        token_index=token.reshape(-1),
         expert_index=expert.reshape(-1),
         weight=weight.reshape(-1),
         aux_loss=aux,
-        tokens_per_expert=torch.bincount(expert.reshape(-1), minlength=num_experts),
+        tokens_per_expert=counts,
     )
 
 

@@ -13,13 +13,18 @@ def apply_activation_checkpointing(model: DiT, every: int) -> list[int]:
     Non-reentrant checkpointing: RNG state is replayed and side outputs such as the MoE balance loss
     keep their gradient. Returns the indices of the checkpointed blocks.
     """
-    if every < 0:
-        raise ValueError(f"activation_checkpointing={every} must be >= 0 (0: off, n: every n-th block)")
-    chosen = list(range(0, len(model.blocks), every)) if every else []
+    chosen = checkpointed_blocks(len(model.blocks), every)
     for i in chosen:
         block = model.blocks[i]
         block.forward = _checkpointed(block, block.forward)
     return chosen
+
+
+def checkpointed_blocks(depth: int, every: int) -> list[int]:
+    """Indices 0, n, 2n, ... below ``depth`` for ``every = n`` (none for 0)."""
+    if every < 0:
+        raise ValueError(f"activation_checkpointing={every} must be >= 0 (0: off, n: every n-th block)")
+    return list(range(0, depth, every)) if every else []
 
 
 def _tensor_attributes(module: nn.Module) -> dict:

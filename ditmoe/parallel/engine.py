@@ -38,6 +38,8 @@ def deepspeed_config(
         raise ValueError(f"precision={precision!r} must be 'auto', 'fp32' or 'bf16'")
     if precision != "auto":  # "auto" keeps what the config file says (fp32 without a file)
         config["bf16"] = {**config.get("bf16", {}), "enabled": precision == "bf16"}
+    if uses_bf16(config):  # the overflow scan reads every gradient each step; the trainer checks its losses instead
+        config["bf16"] = {"check_grad_overflow": False, **config["bf16"]}
     return config
 
 
@@ -65,13 +67,13 @@ def load_config_file(path: str | None) -> dict | None:
 def build_optimizer(params, lr: float, weight_decay: float, betas: tuple[float, float],
                     cpu_offload: bool = False):
     """AdamW over ``params`` (tensors or param groups): DeepSpeed's CPU Adam when ZeRO offloads the
-    optimizer, else torch's (fused on CUDA; no apex)."""
+    optimizer, else torch's fused AdamW (one kernel for all tensors, no host reads of its step counts; no apex)."""
     if cpu_offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(params, lr=lr, weight_decay=weight_decay, betas=betas, adamw_mode=True)
     return torch.optim.AdamW(
-        params, lr=lr, weight_decay=weight_decay, betas=betas, fused=torch.cuda.is_available()
+        params, lr=lr, weight_decay=weight_decay, betas=betas, fused=True
     )
 
 

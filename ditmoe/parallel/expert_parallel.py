@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from ditmoe.model.config import DiTConfig
-from ditmoe.model.routing import balance_loss
+from ditmoe.model.routing import balance_loss, count_per_expert
 from ditmoe.weights import autoep
 
 MOE_LAYER_PATTERN = r"blocks\.\d+\.mlp"
@@ -125,10 +125,10 @@ def _hook(layer, alpha: float) -> None:
     def on_router(_, __, out):
         _, selected, _ = out  # (T, k) chosen experts
         probs = logits.pop("last").float().softmax(dim=-1)
-        counts = torch.bincount(selected.reshape(-1), minlength=layer.num_experts)
+        counts = count_per_expert(selected, layer.num_experts)
         layer.expert_counts = counts
         if layer.training and alpha > 0:
-            layer.aux_loss = balance_loss(probs, selected, layer.top_k, alpha)
+            layer.aux_loss = balance_loss(probs, counts, layer.top_k, alpha)
         else:
             layer.aux_loss = probs.new_zeros(())
 

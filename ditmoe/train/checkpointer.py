@@ -1,5 +1,6 @@
 """When to checkpoint (every ``ckpt_every`` steps, at the last step, on preemption) and what goes in."""
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -13,8 +14,10 @@ from .preemption import PreemptionGuard
 
 class Checkpointer:
     def __init__(self, config: TrainConfig, ckpt_root: Path, *, rank: int, world_size: int, zero_stage: int,
-                 guard: PreemptionGuard | None = None):
+                 guard: PreemptionGuard | None = None, verify: Callable[[], None] | None = None):
+        """``verify()`` runs before every save and raises if the state must not be saved (non-finite losses)."""
         self.config = config
+        self.verify = verify
         self.ckpt_root = ckpt_root
         self.rank = rank
         self.world_size = world_size
@@ -35,6 +38,8 @@ class Checkpointer:
 
     def save(self, step: int, engine, ema, loader):
         """Collective: checkpoint ``step`` with the EMA gathered to full weights on rank 0."""
+        if self.verify is not None:
+            self.verify()
         ema_local = ema.state_dict()
         sharded = ema.partitioned or self.config.ep_size > 1  # ranks hold parts of the weights
         meta = self.meta(step, loader.state_dict(), ema_shards=self.world_size if sharded else 0)

@@ -36,6 +36,7 @@ class TrainConfig:
     zero_stage: int = 1  #: DeepSpeed ZeRO stage, used unless the DeepSpeed config file sets one.
     ep_size: int = 1  #: Expert-parallel group size through DeepSpeed AutoEP (1: off).
     activation_checkpointing: int = 0  #: Recompute every n-th block in backward (0: off, 1: every block).
+    compile: bool = False  #: Compile each transformer block with torch.compile (regional compilation).
     deepspeed_config: str | None = None  #: DeepSpeed JSON config file; batch sizes are filled in from these settings.
     resume: str | None = None  #: Checkpoint to resume from: 'auto' (latest in out, if any) or a checkpoint directory.
     resume_universal: bool = False  #: Resume through DeepSpeed's universal checkpoint (another world or EP size).

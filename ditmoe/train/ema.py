@@ -34,16 +34,25 @@ class EMA:
         self.decay = decay
         self.partitioned = is_partitioned(model)
         self.shadow = {name: local_tensor(p).detach().float().clone() for name, p in model.named_parameters()}
+        # the tensors averaged, in shadow order: Parameter / partition objects stay the same when DeepSpeed
+        # rebinds their storage, so the list is built once
+        self._sources = [local_tensor(p) for p in model.parameters()]
+        self._targets = list(self.shadow.values())
+        self._same_dtype = all(s.dtype == t.dtype for s, t in zip(self._sources, self._targets))
 
     def decay_at(self, num_updates: int) -> float:
         return min(self.decay, (1 + num_updates) / (10 + num_updates))
 
     @torch.no_grad()
-    def update(self, model: nn.Module, num_updates: int):
-        """Fold in the weights after ``num_updates`` previous updates (the training step, 0-based)."""
+    def update(self, num_updates: int):
+        """Fold in the model's weights after ``num_updates`` previous updates (the training step, 0-based):
+        one fused multi-tensor operation, without fp32 copies of bf16 weights."""
         weight = 1.0 - self.decay_at(num_updates)
-        for name, p in model.named_parameters():
-            self.shadow[name].lerp_(local_tensor(p).detach().float(), weight)
+        if self._same_dtype:
+            torch._foreach_lerp_(self._targets, self._sources, weight)
+        else:  # (1 - w)·shadow + w·p, p upcast inside the kernel
+            torch._foreach_mul_(self._targets, 1.0 - weight)
+            torch._foreach_add_(self._targets, self._sources, alpha=weight)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.shadow)

@@ -3,6 +3,11 @@
 ``Trainer.train`` runs ``train_step`` (one optimizer step: every micro-batch of this rank's part of
 the global batch, then the EMA update) until ``config.steps``, logging and checkpointing between
 steps; ``forward_backward_step`` is one micro-batch.
+
+A steady-state step never waits for the device: losses, expert loads and the count of non-finite losses
+accumulate on it and are read on logging and checkpoint steps only; the gradient norm is read only when
+logged; the micro-batch noise comes from a per-micro-batch ``torch.Generator``; preemption is agreed
+without blocking (``PreemptionGuard``).
 """
 
 import time
@@ -13,8 +18,9 @@ import torch
 from ..diffusion import build_objective
 from ..model import DiT, DiTConfig
 from ..parallel import engine as ds_engine
-from ..parallel.activation_checkpointing import apply_activation_checkpointing
-from ..parallel.distributed import init_distributed
+from ..parallel.activation_checkpointing import apply_activation_checkpointing, checkpointed_blocks
+from ..parallel.compile import apply_compile
+from ..parallel.distributed import all_reduce, init_distributed
 from ..parallel.expert_parallel import attach_balance_loss, autoep_config, moe_param_groups, validate_ep
 from .checkpointer import Checkpointer
 from .config import TrainConfig, write_run_config
@@ -31,13 +37,17 @@ def micro_batch_seed(seed: int, step: int, micro_index: int) -> int:
     return (seed * 1_000_003 + step) * 4099 + micro_index
 
 
-def model_fn(engine, dtype: torch.dtype):
-    """model(x, t, y) on the engine with inputs cast to its dtype and fp32 outputs."""
+def model_fn(engine, dtype: torch.dtype, drop_labels: torch.Tensor | None = None):
+    """model(x, t, y) on the engine with inputs cast to its dtype, the given label dropout and fp32 outputs."""
 
     def call(x, t, y):
-        return engine(x.to(dtype), t, y).float()
+        return engine(x.to(dtype), t, y, drop_labels).float()
 
     return call
+
+
+class TrainingDiverged(RuntimeError):
+    """Non-finite losses: the weights are no longer trustworthy, so training stops without a checkpoint."""
 
 
 def set_lr(optimizer, config: TrainConfig, step: int):
@@ -47,15 +57,15 @@ def set_lr(optimizer, config: TrainConfig, step: int):
         group["lr"] = config.lr * scale
 
 
-def parameter_grad_norm(module: torch.nn.Module) -> float:
-    """2-norm of all gradients held by ``module``'s parameters.
+def parameter_grad_norm(module: torch.nn.Module) -> torch.Tensor:
+    """2-norm of all gradients held by ``module``'s parameters (a 0-d tensor on their device).
 
     Needed at ZeRO-0 only: ``engine.get_global_grad_norm()`` returns the ``_global_grad_norm`` of
     DeepSpeed's optimizer wrappers (ZeRO-1/2/3, bf16, fp16), but at ZeRO-0 in fp32 our torch AdamW
     runs unwrapped and the engine's fp32 clipping drops the norm it computes, so it stays None.
     """
-    grads = [p.grad.detach().float() for p in module.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+    grads = [p.grad.detach() for p in module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, dtype=torch.float32)))
 
 
 def build_deepspeed_config(config: TrainConfig, model_config: DiTConfig, world: int) -> dict:
@@ -98,14 +108,20 @@ class Trainer:
         self.moe_blocks = [i for i in range(self.model_config.depth) if self.model_config.moe_in_block(i)]
         self.writer = MetricsWriter(self.out, config.tensorboard) if self.is_rank0 else None
         self.checkpointer = Checkpointer(config, ckpt_root, rank=self.rank, world_size=self.world,
-                                         zero_stage=self.zero_stage, guard=PreemptionGuard())
+                                         zero_stage=self.zero_stage, guard=PreemptionGuard(),
+                                         verify=self.check_finite)
         self.window_start, self.window_samples = time.perf_counter(), 0  # throughput since the last log
+        self.nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)  # non-finite losses since last check
+        self.checked_step = self.step  # the last step whose losses were checked to be finite
 
     def _build_engine(self):
         """Model (same initial weights on every rank), objective, optimizer, DeepSpeed engine, EMA."""
         config = self.config
         torch.manual_seed(config.seed)
         model = DiT(self.model_config).to(self.device)
+        if config.compile:  # inside the checkpointing wrapper, so recomputation runs the compiled code too
+            apply_compile(model, zero3=self.zero_stage == 3,
+                          checkpointed=checkpointed_blocks(len(model.blocks), config.activation_checkpointing))
         apply_activation_checkpointing(model, config.activation_checkpointing)
         self.objective = build_objective(config.objective)
         optimizer = ds_engine.build_optimizer(
@@ -115,8 +131,7 @@ class Trainer:
         self.engine, self.optimizer = ds_engine.initialize(model, optimizer, self.ds_config)
         attach_balance_loss(self.engine.module)
         self.ema = EMA(self.engine.module, config.ema_decay)
-        dtype = torch.bfloat16 if ds_engine.uses_bf16(self.ds_config) else torch.float32
-        self.forward = model_fn(self.engine, dtype)
+        self.dtype = torch.bfloat16 if ds_engine.uses_bf16(self.ds_config) else torch.float32
 
     def train(self) -> dict:
         """Train to ``config.steps`` (or a preemption); returns the last logged record (rank 0's view)."""
@@ -124,49 +139,72 @@ class Trainer:
         batches = iter(self.loader)
         while self.step < self.config.steps:
             x_local, y_local = next(batches)  # entries rank, rank + W, ... of the global batch
-            metrics, grad_norm = self.train_step(x_local, y_local)
-            if self.step % self.config.log_every == 0 or self.step == self.config.steps:
-                record = self.log_step(metrics, grad_norm)
+            metrics = self.train_step(x_local, y_local)
+            if self.is_log_step(self.step):
+                record = self.log_step(metrics)
             if self.checkpointer.after_step(self.step, self.engine, self.ema, self.loader):
                 break
+        self.checkpointer.guard.close()
         if self.is_rank0:
             self.writer.close()
         return {**record, "preempted": self.step < self.config.steps}
 
-    def train_step(self, x_local: torch.Tensor, y_local: torch.Tensor) -> tuple[StepMetrics, float]:
-        """One optimizer step on this rank's part of the global batch; returns its metrics and grad norm."""
-        metrics = StepMetrics(len(self.moe_layers), self.model_config.num_experts)
-        grad_norm = None
+    def is_log_step(self, step: int) -> bool:
+        return step % self.config.log_every == 0 or step == self.config.steps
+
+    def train_step(self, x_local: torch.Tensor, y_local: torch.Tensor) -> StepMetrics:
+        """One optimizer step on this rank's part of the global batch; returns its metrics (on the device)."""
+        metrics = StepMetrics(len(self.moe_layers), self.model_config.num_experts, self.device)
         set_lr(self.optimizer, self.config, self.step)
+        x_local = x_local.to(self.device, non_blocking=True)  # pinned by the loader on GPU
+        y_local = y_local.to(self.device, non_blocking=True)
         for a in range(self.accumulation):
             # micro-batch j = rank + a·W of the global batch g is g[j::G/m], i.e. x_local[a::accumulation]:
             # the same samples whatever the world size
-            x = x_local[a::self.accumulation].to(self.device)
-            y = y_local[a::self.accumulation].to(self.device)
+            x, y = x_local[a::self.accumulation], y_local[a::self.accumulation]
             self.forward_backward_step(x, y, self.rank + a * self.world, metrics)
-            if a == self.accumulation - 1 and self.zero_stage == 0:
-                grad_norm = parameter_grad_norm(self.engine.module)  # before engine.step() clears the gradients
+            last = a == self.accumulation - 1
+            if last and self.zero_stage == 0 and self.is_log_step(self.step + 1):
+                metrics.grad_norm = parameter_grad_norm(self.engine.module)  # before engine.step() clears them
             self.engine.step()  # DeepSpeed steps the optimizer after the last micro-batch only
-        self.ema.update(self.engine.module, self.step)
+        self.ema.update(self.step)
+        self.nonfinite += metrics.nonfinite_losses
         self.step += 1
         self.window_samples += self.config.global_batch_size
-        if grad_norm is None:
-            grad_norm = float(self.engine.get_global_grad_norm())
-        return metrics, grad_norm
+        return metrics
 
     def forward_backward_step(self, x: torch.Tensor, y: torch.Tensor, micro_index: int, metrics: StepMetrics):
-        """Loss and gradients of micro-batch ``micro_index`` of the global batch, added to ``metrics``."""
-        torch.manual_seed(micro_batch_seed(self.config.seed, self.step, micro_index))
-        losses = self.objective.training_losses(self.forward, x, y)
+        """Loss and gradients of micro-batch ``micro_index`` of the global batch, added to ``metrics``.
+
+        Its timesteps, noise and label dropout come from its own generator: the same on any world size.
+        """
+        generator = torch.Generator(self.device).manual_seed(micro_batch_seed(self.config.seed, self.step, micro_index))
+        drop = torch.rand(len(y), device=self.device, generator=generator) < self.model_config.class_dropout_prob
+        forward = model_fn(self.engine, self.dtype, drop)
+        losses = self.objective.training_losses(forward, x, y, generator=generator)
         balance = self.engine.module.balance_loss().float()
         loss = losses["loss"].mean() + balance
         self.engine.backward(loss)
         metrics.add(loss=loss, mse=losses["mse"].mean(), vb=losses["vb"].mean(), balance_loss=balance,
                     expert_counts=[layer.expert_counts for layer in self.moe_layers])
 
-    def log_step(self, metrics: StepMetrics, grad_norm: float) -> dict:
-        """Collective: this step's record (losses averaged over ranks, expert loads summed), written by rank 0."""
+    def check_finite(self):
+        """Reads the device: raise ``TrainingDiverged`` if a loss since the last check was NaN or infinite."""
+        bad = int(all_reduce(self.nonfinite).item())
+        if bad:
+            raise TrainingDiverged(f"{bad} micro-batch loss(es) were NaN or infinite in steps "
+                                   f"{self.checked_step + 1}..{self.step}: training stopped, no checkpoint written "
+                                   f"for them; resume from an earlier checkpoint with a lower lr")
+        self.nonfinite.zero_()
+        self.checked_step = self.step
+
+    def log_step(self, metrics: StepMetrics) -> dict:
+        """Collective, reads the device: this step's record (losses averaged over ranks, expert loads summed),
+        written by rank 0; stops with ``TrainingDiverged`` after a non-finite loss."""
+        self.check_finite()
         losses, loads = metrics.reduce()
+        norm = metrics.grad_norm if metrics.grad_norm is not None else self.engine.get_global_grad_norm()
+        grad_norm = float(norm)
         elapsed = time.perf_counter() - self.window_start
         record = {
             "step": self.step, **losses, "grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"],

@@ -9,7 +9,7 @@ from megatron.core.transformer.moe.moe_utils import permute, switch_load_balanci
 
 from ditmoe.model import get_preset
 from ditmoe.model.moe import MoEFeedForward
-from ditmoe.model.routing import balance_loss, expert_capacity, expert_choice, token_choice
+from ditmoe.model.routing import balance_loss, count_per_expert, expert_capacity, expert_choice, token_choice
 
 
 def test_token_choice_picks_k_distinct_experts_with_softmax_weights():
@@ -35,14 +35,14 @@ def test_balance_loss_perfectly_balanced_gives_alpha():
     num_tokens, experts, k = 8, 4, 2
     probs = torch.full((num_tokens, experts), 1 / experts)
     chosen = torch.tensor([[0, 1], [2, 3]] * 4)  # each expert chosen 4 times
-    assert balance_loss(probs, chosen, k, alpha=0.005).item() == pytest.approx(0.005)
+    assert balance_loss(probs, count_per_expert(chosen, experts), k, alpha=0.005).item() == pytest.approx(0.005)
 
 
 def test_balance_loss_collapsed_router_gives_alpha_times_experts():
     num_tokens, experts, k = 10, 4, 1
     probs = F.one_hot(torch.zeros(num_tokens, dtype=torch.long), experts).float()
     chosen = torch.zeros(num_tokens, 1, dtype=torch.long)
-    assert balance_loss(probs, chosen, k, alpha=0.01).item() == pytest.approx(0.01 * experts)
+    assert balance_loss(probs, count_per_expert(chosen, experts), k, alpha=0.01).item() == pytest.approx(0.01 * experts)
 
 
 def test_balance_loss_matches_megatron_switch_loss():
@@ -51,7 +51,16 @@ def test_balance_loss_matches_megatron_switch_loss():
     chosen = probs.topk(2).indices
     counts = torch.bincount(chosen.reshape(-1), minlength=8)
     reference = switch_load_balancing_loss_func(probs, counts, 64, 2, 8, 0.005)
-    torch.testing.assert_close(balance_loss(probs, chosen, 2, alpha=0.005), reference)
+    torch.testing.assert_close(balance_loss(probs, count_per_expert(chosen, 8), 2, alpha=0.005), reference)
+
+
+def test_count_per_expert_equals_bincount_including_unused_experts():
+    torch.manual_seed(2)
+    chosen = torch.randint(0, 5, (40, 2))  # experts 5..7 never chosen
+    counts = count_per_expert(chosen, 8)
+    assert counts.dtype == torch.int64 and counts.shape == (8,)
+    assert torch.equal(counts, torch.bincount(chosen.reshape(-1), minlength=8))
+    assert counts[5:].sum() == 0 and counts.sum() == 80
 
 
 def test_expert_choice_takes_exactly_capacity_tokens_per_expert_per_sample():
@@ -133,7 +142,7 @@ def test_gradients_reach_router_and_experts_and_balance_loss_trains_router():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_grouped_experts_match_per_expert_swiglus(dtype):
-    """Outputs and gradients of the experts (fp32: per-expert loop; bf16: grouped GEMMs) against autograd
+    """Outputs and gradients of the grouped GEMMs (hand-written backward) against autograd
     through plain per-expert SwiGLUs in fp32 on the same (rounded) values."""
     torch.manual_seed(5)
     layer = MoEFeedForward(get_preset("tiny")).to(dtype)

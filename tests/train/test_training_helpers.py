@@ -41,9 +41,9 @@ def test_ema_update_numbers():
     ema = EMA(model, decay=0.999)
     with torch.no_grad():
         model.weight.fill_(1.0)
-    ema.update(model, 0)  # decay 0.1: 0 + 0.9 · (1 - 0)
+    ema.update(0)  # decay 0.1: 0 + 0.9 · (1 - 0)
     assert ema.state_dict()["weight"].item() == pytest.approx(0.9)
-    ema.update(model, 1)  # decay 2/11: 0.9 + 9/11 · (1 - 0.9)
+    ema.update(1)  # decay 2/11: 0.9 + 9/11 · (1 - 0.9)
     assert ema.state_dict()["weight"].item() == pytest.approx(0.9 + 9 / 11 * 0.1)
     assert model.weight.item() == 1.0  # the model itself is not changed
 

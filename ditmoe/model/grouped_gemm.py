@@ -1,0 +1,75 @@
+"""Grouped GEMM over experts: rows sorted by expert times each expert's weight, one call per pass.
+
+``torch._grouped_mm`` computes in every dtype but has no fp32 backward and traces under torch.compile
+in bf16 only, so it is wrapped here in two custom ops with their own shape functions: ``grouped_mm``,
+the primitive, and ``grouped_linear`` with a backward made of ``grouped_mm`` calls: the input gradient
+is another grouped GEMM, the weight gradient a grouped GEMM over the row groups that lands in the fused
+``(E, N, K)`` layout of the weight (no per-expert stack). Group boundaries stay on the device: nothing
+is read back to the host, and a compiled block sees each op as one node (no graph break).
+"""
+
+import math
+
+import torch
+from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
+
+
+@torch.library.custom_op("ditmoe::grouped_mm", mutates_args=())
+def grouped_mm(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
+    """a (A, K) × b (E, K, N) -> (A, N), rows of group e times b[e]; or a (N, A) × b (A, K) -> (E, N, K),
+    group e's columns of a times its rows of b. offsets: (E,) int32 ends of the groups along A."""
+    return torch._grouped_mm(a, b, offs=offsets)
+
+
+@grouped_mm.register_fake
+def _(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
+    if b.dim() == 3:
+        return a.new_empty(a.shape[0], b.shape[2])
+    return a.new_empty(offsets.shape[0], a.shape[0], b.shape[1])
+
+
+@torch.library.custom_op("ditmoe::grouped_linear", mutates_args=())
+def _grouped_linear(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
+    return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
+
+
+@_grouped_linear.register_fake
+def _(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0], weight.shape[1])
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, offsets = inputs
+    ctx.save_for_backward(x, weight, offsets)
+
+
+def _backward(ctx, grad: Tensor):
+    x, weight, offsets = ctx.saved_tensors
+    grad = grad.contiguous()
+    grad_x = grouped_mm(grad, weight, offsets) if ctx.needs_input_grad[0] else None  # (A, K)
+    grad_w = grouped_mm(grad.t(), x, offsets) if ctx.needs_input_grad[1] else None  # (E, N, K); 0 for empty groups
+    return grad_x, grad_w, None
+
+
+_grouped_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def grouped_linear(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
+    """Rows ``offsets[e-1]:offsets[e]`` of x (A, K) times ``weight[e]ᵀ`` (weight (E, N, K)) -> (A, N).
+
+    offsets: (E,) int32 cumulative row counts (the end of each expert's rows; the last equals A).
+    """
+    return _grouped_linear(x, weight, offsets)
+
+
+@register_flop_formula([torch.ops.aten._grouped_mm, torch.ops.ditmoe.grouped_mm])
+def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """2·(rows of every group)·K·N: each element of ``a`` meets one row of its group's (K, N) matrix, for
+    (A, K)×(E, K, N) as for the weight gradient's (N, A)×(A, K) (FlopCounterMode knows no formula of its own)."""
+    return 2 * math.prod(a_shape) * b_shape[-1]
+
+
+@register_flop_formula(torch.ops.ditmoe.grouped_linear)
+def _grouped_linear_flops(x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * math.prod(x_shape) * weight_shape[1]
