@@ -5,12 +5,15 @@ in bf16 only, so it is wrapped here in two custom ops with their own shape funct
 the primitive, and ``grouped_linear`` with a backward made of ``grouped_mm`` calls: the input gradient
 is another grouped GEMM, the weight gradient a grouped GEMM over the row groups that lands in the fused
 ``(E, N, K)`` layout of the weight (no per-expert stack). Group boundaries stay on the device: nothing
-is read back to the host, and a compiled block sees each op as one node (no graph break).
+is read back to the host, and a compiled block sees each op as one node (no graph break). The
+experts' activation ``swiglu`` is a custom op too: its backward writes both halves of the gradient in
+place.
 """
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
@@ -61,6 +64,47 @@ def grouped_linear(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
     offsets: (E,) int32 cumulative row counts (the end of each expert's rows; the last equals A).
     """
     return _grouped_linear(x, weight, offsets)
+
+
+@torch.library.custom_op("ditmoe::swiglu", mutates_args=())
+def swiglu(h: Tensor) -> Tensor:
+    """h (A, 2F) = [gate | up] -> silu(gate) · up (A, F)."""
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate).mul_(up)
+
+
+@swiglu.register_fake
+def _(h: Tensor) -> Tensor:
+    return h.new_empty(h.shape[0], h.shape[1] // 2)
+
+
+@torch.library.custom_op("ditmoe::swiglu_backward", mutates_args=())
+def swiglu_backward(grad: Tensor, h: Tensor) -> Tensor:
+    """Gradient (A, 2F) of :func:`swiglu` at h, written in place into its two halves (autograd through
+    ``chunk`` would concatenate them: one more pass over the largest activation)."""
+    gate, up = h.chunk(2, dim=-1)
+    out = torch.empty_like(h)
+    grad_gate, grad_up = out.chunk(2, dim=-1)
+    torch.mul(grad, F.silu(gate), out=grad_up)
+    torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)
+    return out
+
+
+@swiglu_backward.register_fake
+def _(grad: Tensor, h: Tensor) -> Tensor:
+    return torch.empty_like(h)
+
+
+def _swiglu_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _swiglu_backward(ctx, grad: Tensor):
+    (h,) = ctx.saved_tensors
+    return swiglu_backward(grad.contiguous(), h)
+
+
+swiglu.register_autograd(_swiglu_backward, setup_context=_swiglu_setup_context)
 
 
 @register_flop_formula([torch.ops.aten._grouped_mm, torch.ops.ditmoe.grouped_mm])

@@ -10,12 +10,11 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .config import DiTConfig
-from .grouped_gemm import grouped_linear
+from .grouped_gemm import grouped_linear, swiglu
 from .mlp import SwiGLU
 from .routing import Routing, expert_capacity, expert_choice, token_choice
 
@@ -43,8 +42,8 @@ class GroupedExperts(nn.Module):
         One grouped GEMM per projection in every dtype: no per-expert launches, no host synchronisation.
         """
         offsets = torch.cumsum(counts, 0).to(torch.int32)  # (E,) end of each expert's rows
-        gate, up = grouped_linear(x, self.gate_up_proj, offsets).chunk(2, dim=-1)  # (A, F) each
-        return grouped_linear(F.silu(gate) * up, self.down_proj, offsets)  # (A, D)
+        hidden = swiglu(grouped_linear(x, self.gate_up_proj, offsets))  # (A, 2F) -> (A, F)
+        return grouped_linear(hidden, self.down_proj, offsets)  # (A, D)
 
 
 def dispatch(x: torch.Tensor, routing: Routing, experts: GroupedExperts) -> torch.Tensor:

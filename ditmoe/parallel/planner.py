@@ -23,6 +23,7 @@ import torch
 from ..model import DiT, DiTConfig
 from ..model.card import attention_macs, count_parameters, experts_per_token, linear_macs
 from ..model.moe import GroupedExperts
+from .activation_checkpointing import checkpointed_blocks
 
 PERSISTENT = ("parameters", "gradients", "optimizer", "ema")  # what outlives a step, present at a checkpoint
 
@@ -78,11 +79,6 @@ def check_layout(config: DiTConfig, layout: Layout):
             f"--ep-size {layout.ep_size} does not divide the world size {layout.world} "
             f"(--nodes {layout.nodes} x --gpus-per-node {layout.gpus_per_node})"
         )
-
-
-def checkpointed_blocks(depth: int, every: int) -> list[int]:
-    """Blocks 0, n, 2n, ... as :func:`apply_activation_checkpointing` chooses them (n = 0: none)."""
-    return list(range(0, depth, every)) if every else []
 
 
 def _split(module: torch.nn.Module) -> dict[str, int]:
@@ -192,6 +188,22 @@ def memory_per_gpu(config: DiTConfig, layout: Layout) -> dict[str, float]:
         "activations": activation_bytes(config, layout.micro_batch, b, layout.act_ckpt),
         "workspace": backward_workspace_bytes(config, layout),
     }
+
+
+def fitting_zero_stage(config: DiTConfig, *, world: int, micro_batch: int, act_ckpt: int, precision: str,
+                       ep_size: int = 1, device_bytes: int | None = None, headroom: float = 0.9) -> int:
+    """The ZeRO stage a run needs: 0 on one rank (partitioning over one rank saves nothing and in fp32
+    adds a master copy); on several, the lowest of 1, 2, 3 whose planned step memory fits ``headroom``
+    of ``device_bytes`` (1 when the device size is unknown, e.g. on CPU; 3 when none fits)."""
+    if world == 1:
+        return 0
+    if device_bytes is None:
+        return 1
+    for stage in (1, 2, 3):
+        layout = Layout(1, world, stage, ep_size, micro_batch, act_ckpt, "bf16" if precision == "bf16" else "fp32")
+        if sum(memory_per_gpu(config, layout).values()) <= headroom * device_bytes:
+            return stage
+    return 3
 
 
 def ema_export_bytes(config: DiTConfig) -> float:

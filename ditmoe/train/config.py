@@ -33,7 +33,7 @@ class TrainConfig:
     grad_clip: float = 1.0  #: Gradient norm clipping threshold.
     ema_decay: float = 0.9999  #: Decay of the exponential moving average of the weights.
     precision: str = "auto"  #: 'fp32', 'bf16', or 'auto': the DeepSpeed config file's bf16 setting (fp32 without one).
-    zero_stage: int = 1  #: DeepSpeed ZeRO stage, used unless the DeepSpeed config file sets one.
+    zero_stage: int = -1  #: DeepSpeed ZeRO stage 0-3 (a config file's wins); -1: 0 on 1 rank, else the lowest fitting.
     ep_size: int = 1  #: Expert-parallel group size through DeepSpeed AutoEP (1: off).
     activation_checkpointing: int = 0  #: Recompute every n-th block in backward (0: off, 1: every block).
     compile: bool = False  #: Compile each transformer block with torch.compile (regional compilation).

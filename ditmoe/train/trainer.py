@@ -22,6 +22,7 @@ from ..parallel.activation_checkpointing import apply_activation_checkpointing, 
 from ..parallel.compile import apply_compile
 from ..parallel.distributed import all_reduce, init_distributed
 from ..parallel.expert_parallel import attach_balance_loss, autoep_config, moe_param_groups, validate_ep
+from ..parallel.planner import fitting_zero_stage
 from .checkpointer import Checkpointer
 from .config import TrainConfig, write_run_config
 from .data import build_loader
@@ -76,6 +77,13 @@ def build_deepspeed_config(config: TrainConfig, model_config: DiTConfig, world: 
         global_batch_size=config.global_batch_size, micro_batch_size=micro, world_size=world,
         zero_stage=config.zero_stage, precision=config.precision, grad_clip=config.grad_clip,
     )
+    if ds_config["zero_optimization"]["stage"] == -1:  # the stage that fits
+        device_bytes = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory \
+            if torch.cuda.is_available() else None
+        ds_config["zero_optimization"]["stage"] = fitting_zero_stage(
+            model_config, world=world, micro_batch=micro, act_ckpt=config.activation_checkpointing,
+            precision="bf16" if ds_engine.uses_bf16(ds_config) else "fp32", ep_size=config.ep_size,
+            device_bytes=device_bytes)
     zero = ds_config["zero_optimization"]
     validate_ep(config.ep_size, model_config.num_experts, world, model_config.routing, zero["stage"], zero)
     if ds_config.get("expert_parallel", {}).get("enabled") and config.ep_size == 1:

@@ -11,6 +11,7 @@ from ditmoe.parallel.planner import (
     Layout,
     check_layout,
     communication_per_gpu,
+    fitting_zero_stage,
     flops_per_gpu,
     forward_flops_per_image,
     memory_per_gpu,
@@ -190,3 +191,17 @@ def test_cli_errors(changes, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         tool.main([*G2_ARGS, *changes])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_fitting_zero_stage_is_the_lowest_that_fits():
+    """One rank: 0. Several: the lowest stage whose planned step memory fits 90% of the device (1 if unknown)."""
+    small, xl = get_preset("DiT-MoE-S/2-8E2A"), get_preset("DiT-MoE-XL/2-8E2A")
+    common = {"micro_batch": 32, "act_ckpt": 0, "precision": "bf16"}
+    assert fitting_zero_stage(xl, world=1, device_bytes=80 * 2**30, **common) == 0
+    assert fitting_zero_stage(xl, world=8, device_bytes=None, **common) == 1
+    assert fitting_zero_stage(small, world=8, device_bytes=80 * 2**30, **common) == 1
+    totals = {stage: sum(memory_per_gpu(xl, Layout(1, 8, stage, 1, 32, 0, "bf16")).values()) for stage in (1, 2, 3)}
+    assert totals[1] > totals[2] > totals[3]
+    for stage in (1, 2, 3):  # a device just large enough for each stage gets that stage
+        assert fitting_zero_stage(xl, world=8, device_bytes=int(totals[stage] / 0.9) + 1, **common) == stage
+    assert fitting_zero_stage(xl, world=8, device_bytes=2**30, **common) == 3  # nothing fits: the most partitioned
