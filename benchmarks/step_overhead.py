@@ -3,10 +3,11 @@ and batch, side by side in one process.
 
 The bare loop is the least one optimizer step needs: the same ``DiT`` (same config, same initial
 weights, blocks compiled the same way when ``compile`` is on), the same diffusion loss
-(``build_objective(...).training_losses`` + balance loss), backward, gradient clipping and torch
-AdamW; no DeepSpeed, no EMA, no metrics. The trainer runs its full step (DeepSpeed engine with the
-repository's ``deepspeed_configs/zero{1,2,3}.json``, EMA, step metrics) in fp32 on a one-rank gloo
-group. Trainer and bare steps alternate, so both see the same machine state; times are medians.
+(``build_objective(...).training_losses`` + balance loss), backward, gradient clipping and torch's
+fused AdamW (the trainer's optimizer too); no DeepSpeed, no EMA, no metrics. The trainer runs its
+full step (DeepSpeed engine with the repository's ``deepspeed_configs/zero{1,2,3}.json``, or none at
+ZeRO-0, EMA, step metrics) in fp32 on a one-rank gloo group. Trainer and bare steps alternate, so
+both see the same machine state; times are medians.
 ZeRO-3 replaces ``torch.nn.functional.linear`` process-wide unless its config sets
 ``memory_efficient_linear: false``; the bare loop always runs torch's own. ATen ops per step: the
 ``aten::`` events that ``torch.profiler`` records in one steady-state step (nested calls included).
@@ -71,7 +72,7 @@ class BareLoop:
             apply_compile(self.model)
         self.objective = build_objective(config.objective)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                           betas=(config.adam_beta1, config.adam_beta2))
+                                           betas=(config.adam_beta1, config.adam_beta2), fused=True)
         self.step = 0
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor):
@@ -89,7 +90,8 @@ def train_config(case: Case, zero_stage: int, compile_: bool, data: Path, out: P
     """One micro-batch per step (no accumulation), fp32, nothing logged or saved during the benchmark."""
     return TrainConfig(preset=case.preset, model_overrides=case.model_overrides, data=str(data), out=str(out),
                        steps=10**9, global_batch_size=case.batch, micro_batch_size=case.batch, precision="fp32",
-                       zero_stage=zero_stage, deepspeed_config=str(REPO / f"deepspeed_configs/zero{zero_stage}.json"),
+                       zero_stage=zero_stage,
+                       deepspeed_config=str(REPO / f"deepspeed_configs/zero{zero_stage}.json") if zero_stage else None,
                        compile=compile_, log_every=10**9, ckpt_every=10**9, tensorboard=False, eval_samples=0)
 
 
@@ -153,7 +155,7 @@ def measure(config: TrainConfig, steps: int, warmup: int) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", default="tiny,S", help=f"comma-separated cases of {sorted(CASES)}")
-    p.add_argument("--zero-stages", default="1,2,3", help="comma-separated ZeRO stages")
+    p.add_argument("--zero-stages", default="0,1,2,3", help="comma-separated ZeRO stages (0: no config file)")
     p.add_argument("--compile", default="off,on", help="comma-separated: off, on")
     p.add_argument("--steps", type=int, default=5, help="timed steps of each (medians)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps of each first")

@@ -81,4 +81,7 @@ def initialize(model: torch.nn.Module, optimizer, config: dict):
     import deepspeed
 
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    if config["zero_optimization"]["stage"] == 0 and engine.dp_world_size == 1:
+        # one rank has nothing to all-reduce: skip DeepSpeed's flatten / all-reduce / copy-back of every gradient
+        engine.enable_backward_allreduce = False
     return engine, optimizer

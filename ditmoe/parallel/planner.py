@@ -117,15 +117,15 @@ def ffn_activation_bytes(config: DiTConfig, tokens: int, dtype_bytes: int, moe: 
     """Bytes a block's feed-forward itself saves (freed as backward passes through it).
 
     Per token, in D working-dtype elements: its output, kept by the gate multiply, 1; each routed
-    assignment 3 + 4·F/D (gathered input, gate and up projections, SiLU, product, expert output,
-    weighted output); shared experts 4·S/D; a dense GELU MLP 2·M/D. Plus fp32 router probabilities
+    assignment 3 + 3·F/D (gathered input, gate and up projections kept by the SwiGLU op, its output,
+    expert output, weighted output); shared experts 4·S/D; a dense GELU MLP 2·M/D. Plus fp32 router probabilities
     per token, and int64 indices and an fp32 weight per assignment.
     """
     d = config.hidden_size
     if not moe:
         return tokens * (d + 2 * int(config.mlp_ratio * d)) * dtype_bytes
     routed = experts_per_token(config)
-    per_token = d + routed * (3 * d + 4 * config.expert_hidden) + 4 * config.shared_hidden
+    per_token = d + routed * (3 * d + 3 * config.expert_hidden) + 4 * config.shared_hidden
     return tokens * (per_token * dtype_bytes + config.num_experts * 4 + routed * (3 * 8 + 4))
 
 
@@ -216,17 +216,20 @@ def ema_export_bytes(config: DiTConfig) -> float:
 
 
 def backward_workspace_bytes(config: DiTConfig, layout: Layout) -> float:
-    """Gradients that exist beside the activations during backward, before joining the gradient buffer.
+    """Gradients and temporaries that exist beside the activations during backward.
 
-    A dense weight's gradient, whole; an expert weight's gradient, whole (the grouped GEMM writes it in
-    the fused layout), by when about half of its block's feed-forward activations are freed (calibrated
+    The largest of: a dense weight's gradient, whole; an expert weight's gradient, whole (the grouped
+    GEMM writes it in the fused layout), by when about half of its block's feed-forward activations are
+    freed; the experts' SwiGLU backward, two (A, F) temporaries for A routed assignments (calibrated
     against measured fp32 peaks, tests/parallel/test_planner.py).
     """
     b, split = layout.dtype_bytes, parameter_split(config)
     if not config.is_moe:
         return b * split["tensor_dense"]
-    ffn = ffn_activation_bytes(config, layout.micro_batch * config.num_tokens, b, True)
-    return max(b * split["tensor_dense"], b * split["tensor_expert"] / layout.ep_size - ffn / 2)
+    tokens = layout.micro_batch * config.num_tokens
+    ffn = ffn_activation_bytes(config, tokens, b, True)
+    swiglu = 2 * b * tokens * experts_per_token(config) * config.expert_hidden
+    return max(b * split["tensor_dense"], b * split["tensor_expert"] / layout.ep_size - ffn / 2, swiglu)
 
 
 def forward_flops_per_image(config: DiTConfig) -> float:

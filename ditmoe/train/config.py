@@ -23,7 +23,7 @@ class TrainConfig:
     steps: int = 1000  #: Optimizer steps to train for.
     global_batch_size: int = 256  #: Samples per optimizer step over all ranks.
     micro_batch_size: int = 0  #: Samples per rank per forward/backward (0: global_batch_size / world_size).
-    data_workers: int = 0  #: Data loader worker processes per rank.
+    data_workers: int = 2  #: Data loader worker processes per rank (batches pinned for the GPU when one is used).
     seed: int = 0  #: Random seed of initialization, data order and noise.
     lr: float = 1e-4  #: Peak AdamW learning rate.
     lr_warmup_steps: int = 0  #: Steps of linear learning rate warmup.
@@ -57,11 +57,14 @@ class TrainConfig:
 
 
 TRAIN_PRESETS = {
-    # The embedded default: class-conditional digits on a laptop CPU in a few minutes.
+    # The embedded default: class-conditional digits on a laptop CPU in a few minutes. The class conditioning is
+    # learned late (cond_accuracy ~0.93 after 750 steps at lr 3e-3, ~1.0 after 1000; at lr 1e-3 it takes ~2000
+    # steps). DPM-Solver++ in 20 steps costs a tenth of DDPM in 250; guidance 3 instead of 1.5 more than makes up.
     "demo": TrainConfig(
-        preset="demo", data="digits", out="runs/demo", steps=2000, global_batch_size=128, lr=1e-3,
+        preset="demo", data="digits", out="runs/demo", steps=1000, global_batch_size=128, lr=3e-3,
+        data_workers=0,  # a digits batch is read in microseconds: worker processes would only compete for cores
         lr_warmup_steps=100, ema_decay=0.999, log_every=50, ckpt_every=500,
-        eval_sampler="ddpm", eval_steps=250, eval_cfg_scale=1.5,
+        eval_sampler="dpm_solver++", eval_steps=20, eval_cfg_scale=3.0,
     ),
 }
 

@@ -6,14 +6,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from ..data.digits import latents_to_pixels
 from ..diffusion import build_objective
 from ..eval.digits import conditional_accuracy
 from ..eval.grid import save_grid
 from ..inference import load_model
-from ..sampling import generate
+from ..sampling import generate, num_batches
 from .config import TrainConfig
+
+BATCH_SIZE = 100  #: Samples per sampling batch: one progress bar update each.
 
 
 def final_eval(config: TrainConfig) -> dict:
@@ -24,8 +27,11 @@ def final_eval(config: TrainConfig) -> dict:
     model, _ = load_model(out, weights="ema")
     num_classes = model.config.num_classes
     labels = torch.arange(num_classes).repeat_interleave(config.eval_samples // num_classes)
+    batches = tqdm(range(num_batches(len(labels), BATCH_SIZE)), desc="final eval sampling", unit="batch",
+                   mininterval=1.0)
     latents = generate(model, build_objective(config.objective), labels, cfg_scale=config.eval_cfg_scale,
-                       sampler=config.eval_sampler, steps=config.eval_steps, seed=config.seed)
+                       sampler=config.eval_sampler, steps=config.eval_steps, batch_size=BATCH_SIZE,
+                       seed=config.seed, batches=batches)
     pixels = latents_to_pixels(latents)  # (N, 8, 8) in [0, 16]
     accuracy = conditional_accuracy(pixels, labels.numpy())
     per_class = config.eval_samples // num_classes

@@ -179,3 +179,15 @@ def test_training_losses_bf16_inputs():
     y = torch.zeros(2, dtype=torch.long)
     out = GaussianDiffusion().training_losses(lambda x, t, y: torch.cat([x, x], 1), x0, y)
     assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"]).all()
+
+
+def test_schedule_tables_are_copied_to_the_device_once():
+    """A host-to-device copy of a schedule table per call would make every training step wait."""
+    diffusion = GaussianDiffusion(num_timesteps=10)
+    t = torch.tensor([0, 3, 9])
+    first = diffusion._on_device(diffusion.sqrt_alphas_cumprod, t.device)
+    assert diffusion._on_device(diffusion.sqrt_alphas_cumprod, t.device) is first
+    diffusion.q_sample(torch.zeros(3, 1, 2, 2), t)
+    assert len(diffusion._device_tables) == 2  # the two tables q_sample reads, each once
+    torch.testing.assert_close(diffusion._gather(diffusion.sqrt_alphas_cumprod, t, torch.zeros(3, 1)),
+                               torch.from_numpy(diffusion.sqrt_alphas_cumprod[[0, 3, 9]]).float()[:, None])

@@ -1,7 +1,10 @@
 """The trainer's small parts with hand-computed numbers: learning-rate warm-up, EMA decay warm-up and
-update, micro-batch seeds, expert load statistics, the step metrics accumulator, checkpoint cadence."""
+update (fp32 and bf16 weights), micro-batch seeds, expert load statistics, the step metrics accumulator,
+the preemption agreement, checkpoint cadence."""
 
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ from ditmoe.train.checkpointer import Checkpointer
 from ditmoe.train.config import TrainConfig
 from ditmoe.train.ema import EMA
 from ditmoe.train.metrics import expert_load_stats
+from ditmoe.train.preemption import PreemptionGuard
 from ditmoe.train.step_metrics import StepMetrics
 from ditmoe.train.trainer import micro_batch_seed, set_lr
 
@@ -48,6 +52,35 @@ def test_ema_update_numbers():
     assert model.weight.item() == 1.0  # the model itself is not changed
 
 
+def test_ema_of_bf16_weights_averages_in_fp32_without_changing_them():
+    model = nn.Linear(3, 2).to(torch.bfloat16)
+    ema = EMA(model, decay=0.999)
+    start = {k: v.clone() for k, v in ema.state_dict().items()}
+    assert all(v.dtype == torch.float32 for v in start.values())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    ema.update(3)  # decay 4/13: shadow + 9/13 · (w - shadow), w upcast exactly
+    for name, p in model.named_parameters():
+        expected = start[name] + 9 / 13 * (p.detach().float() - start[name])
+        torch.testing.assert_close(ema.state_dict()[name], expected, rtol=1e-6, atol=1e-6)
+        assert p.dtype == torch.bfloat16
+
+
+def test_preemption_is_agreed_one_step_boundary_after_the_signal(one_rank_group):
+    guard = PreemptionGuard()
+    try:
+        assert [guard.should_stop() for _ in range(3)] == [False] * 3
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert guard.signalled == signal.SIGUSR1
+        assert guard.should_stop() is False  # the all-reduce started here is read at the next boundary
+        assert guard.should_stop() is True
+    finally:
+        guard.close()
+        for sig in PreemptionGuard.SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+
+
 def test_micro_batch_seed():
     assert micro_batch_seed(7, 3, 5) == 28_693_098_381  # (7 · 1_000_003 + 3) · 4099 + 5
     seeds = {micro_batch_seed(seed, step, micro) for seed in range(3) for step in range(100) for micro in range(16)}
@@ -82,6 +115,10 @@ def test_step_metrics_means_over_micro_batches(one_rank_group):
     assert list(losses) == ["loss", "mse", "vb", "balance_loss"]
     assert losses == pytest.approx({"loss": 2.0, "mse": 4.0, "vb": 1.0, "balance_loss": 0.02})
     assert torch.equal(loads, torch.tensor([[4.0, 8.0, 12.0], [0.0, 8.0, 0.0]]))
+    assert metrics.nonfinite_losses.item() == 0
+    nan = torch.tensor(float("nan"))
+    metrics.add(loss=nan, mse=nan, vb=torch.tensor(0.0), balance_loss=torch.tensor(0.0), expert_counts=[])
+    assert metrics.nonfinite_losses.item() == 1
 
 
 class Guard:
