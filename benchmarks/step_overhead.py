@@ -14,8 +14,9 @@ ZeRO-3 replaces ``torch.nn.functional.linear`` process-wide unless its config se
 
     python benchmarks/step_overhead.py [--presets tiny,S] [--zero-stages 1,2,3] [--compile off,on] [--steps 5]
 
-Cases: ``tiny`` (the tiny preset, D = 32: per-op overhead dominates) and ``S`` (DiT-MoE-S/2-8E2A,
-D = 384, at 16×16 latents, depth 2 and batch 4 so that it runs on a small CPU). Goals of issue 10:
+Cases: ``tiny`` (the tiny preset, D = 32: per-op overhead dominates), ``tiny-deep`` (the same at depth 12,
+where the blocks make most of the ops, as in the real presets) and ``S`` (DiT-MoE-S/2-8E2A, D = 384, at
+16×16 latents, depth 2 and batch 4 so that it runs on a small CPU). Goals of issue 10:
 trainer / bare <= 1.10 at S width and <= 1.5 at tiny width; ATen ops with compile <= half of eager.
 One thread by default: what is measured is per-op overhead, and on a small shared machine several
 OpenMP threads mostly measure contention with other processes (``--threads`` to change it). About 5
@@ -57,6 +58,7 @@ REPO = Path(__file__).resolve().parents[1]
 TORCH_LINEAR = torch.nn.functional.linear
 CASES = {
     "tiny": Case("tiny", (), 8),
+    "tiny-deep": Case("tiny", ("depth=12",), 8),  # blocks dominate the op count, as in the real presets
     "S": Case("DiT-MoE-S/2-8E2A", ("input_size=16", "depth=2"), 4),
 }
 
