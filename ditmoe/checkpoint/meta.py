@@ -35,6 +35,13 @@ def check_universal_compatible(meta: dict, zero_stage: int, tag_dir: Path):
     if saved is None:
         raise ValueError(f"checkpoint {tag_dir} does not record its ZeRO stage (saved by an older ditmoe); "
                          "resume it with the same topology instead of --resume-universal")
+    if saved == 0:  # DeepSpeed converts only ZeRO-1/2/3 optimizer states
+        raise ValueError(f"checkpoint {tag_dir} was saved with ZeRO-0 (the default on one rank), which DeepSpeed's "
+                         "universal checkpoint cannot convert: resume it on one rank without --resume-universal, "
+                         "and train with --zero-stage 1 a run that must move between world sizes")
+    if zero_stage == 0:
+        raise ValueError(f"this run uses ZeRO-0 (the default on one rank), which DeepSpeed's universal checkpoint "
+                         f"cannot load; pass --zero-stage {saved if saved in (1, 2) else 3} to resume {tag_dir}")
     if (saved == 3) != (zero_stage == 3):
         raise ValueError(f"checkpoint {tag_dir} was saved with ZeRO-{saved}; DeepSpeed's universal checkpoint "
                          f"cannot move it to ZeRO-{zero_stage} (ZeRO-1/2 and ZeRO-3 layouts differ): "

@@ -47,8 +47,9 @@ def model_fn(engine, dtype: torch.dtype, drop_labels: torch.Tensor | None = None
     return call
 
 
-class TrainingDiverged(RuntimeError):
-    """Non-finite losses: the weights are no longer trustworthy, so training stops without a checkpoint."""
+class TrainingDiverged(ValueError):
+    """Non-finite losses: the weights are no longer trustworthy, so training stops without a checkpoint
+    (a ValueError: the command line reports it as ``error: ...`` and exits 1)."""
 
 
 def set_lr(optimizer, config: TrainConfig, step: int):

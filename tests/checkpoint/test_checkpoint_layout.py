@@ -64,6 +64,10 @@ def test_resume_compatibility(run_dir):
         checkpoint.check_universal_compatible(meta, 3, tag_dir)
     with pytest.raises(ValueError, match="does not record its ZeRO stage"):
         checkpoint.check_universal_compatible({}, 2, tag_dir)
+    with pytest.raises(ValueError, match="this run uses ZeRO-0.*pass --zero-stage 2"):
+        checkpoint.check_universal_compatible(meta, 0, tag_dir)
+    with pytest.raises(ValueError, match="was saved with ZeRO-0"):
+        checkpoint.check_universal_compatible({**meta, "zero_stage": 0}, 1, tag_dir)
 
 
 def test_meta_is_indented_json(run_dir):

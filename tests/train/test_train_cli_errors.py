@@ -36,3 +36,15 @@ def test_data_shape_mismatch(tmp_path):
 def test_missing_deepspeed_config(tmp_path):
     fails_with([*SMALL_DIGITS, "--deepspeed-config", str(tmp_path / "x.json"), "--out", str(tmp_path)],
                "x.json: no such file")
+
+
+def test_divergence_stops_training_without_a_checkpoint(tmp_path):
+    """An absurd learning rate makes the loss infinite within a few steps: the run stops with an error naming
+    the steps, exit status 1 and no traceback, and writes no checkpoint of the diverged weights."""
+    out = tmp_path / "run"
+    proc = run_cli(["-m", "ditmoe.train", *SMALL_DIGITS, "--steps", "6", "--set", "lr=1e12", "--set", "ckpt_every=3",
+                    "--out", str(out)], check=False, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "error: " in proc.stderr and "NaN or infinite in steps" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not list((out / "checkpoints").glob("step_*"))
