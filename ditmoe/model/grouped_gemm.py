@@ -33,11 +33,15 @@ def _(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("ditmoe::grouped_linear", mutates_args=())
-def _grouped_linear(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
+def grouped_linear(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
+    """Rows ``offsets[e-1]:offsets[e]`` of x (A, K) times ``weight[e]ᵀ`` (weight (E, N, K)) -> (A, N).
+
+    offsets: (E,) int32 cumulative row counts (the end of each expert's rows; the last equals A).
+    """
     return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
 
 
-@_grouped_linear.register_fake
+@grouped_linear.register_fake
 def _(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
     return x.new_empty(x.shape[0], weight.shape[1])
 
@@ -55,15 +59,7 @@ def _backward(ctx, grad: Tensor):
     return grad_x, grad_w, None
 
 
-_grouped_linear.register_autograd(_backward, setup_context=_setup_context)
-
-
-def grouped_linear(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
-    """Rows ``offsets[e-1]:offsets[e]`` of x (A, K) times ``weight[e]ᵀ`` (weight (E, N, K)) -> (A, N).
-
-    offsets: (E,) int32 cumulative row counts (the end of each expert's rows; the last equals A).
-    """
-    return _grouped_linear(x, weight, offsets)
+grouped_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
 @torch.library.custom_op("ditmoe::swiglu", mutates_args=())
@@ -107,10 +103,11 @@ def _swiglu_backward(ctx, grad: Tensor):
 swiglu.register_autograd(_swiglu_backward, setup_context=_swiglu_setup_context)
 
 
-@register_flop_formula([torch.ops.aten._grouped_mm, torch.ops.ditmoe.grouped_mm])
+@register_flop_formula(torch.ops.ditmoe.grouped_mm)
 def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
     """2·(rows of every group)·K·N: each element of ``a`` meets one row of its group's (K, N) matrix, for
-    (A, K)×(E, K, N) as for the weight gradient's (N, A)×(A, K) (FlopCounterMode knows no formula of its own)."""
+    (A, K)×(E, K, N) as for the weight gradient's (N, A)×(A, K) (FlopCounterMode sees the custom ops, not
+    the ``torch._grouped_mm`` inside them)."""
     return 2 * math.prod(a_shape) * b_shape[-1]
 
 
