@@ -200,7 +200,7 @@ def fitting_zero_stage(config: DiTConfig, *, world: int, micro_batch: int, act_c
     if device_bytes is None:
         return 1
     for stage in (1, 2, 3):
-        layout = Layout(1, world, stage, ep_size, micro_batch, act_ckpt, "bf16" if precision == "bf16" else "fp32")
+        layout = Layout(1, world, stage, ep_size, micro_batch, act_ckpt, precision)
         if sum(memory_per_gpu(config, layout).values()) <= headroom * device_bytes:
             return stage
     return 3
