@@ -17,11 +17,10 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.autograd import DeviceType
 
-from ditmoe.data import write_latent_dataset
+from ditmoe.data.synthetic import write_random_latents
 from ditmoe.train.config import TrainConfig
 from ditmoe.train.trainer import Trainer
 
@@ -50,10 +49,8 @@ def build_trainer(args, tmp: Path) -> Trainer:
                          precision=args.precision, deepspeed_config=str(ds_config), compile=args.compile,
                          log_every=10**9, ckpt_every=10**9, tensorboard=False, eval_samples=0)
     model = config.model_config()
-    rng, n = np.random.default_rng(0), 2 * args.global_batch_size
-    shape = (n, model.in_channels, model.input_size, model.input_size)
-    write_latent_dataset(tmp / "data", rng.standard_normal(shape, dtype=np.float32), 0.0,
-                         rng.integers(0, model.num_classes, n), resolution=8 * model.input_size)
+    write_random_latents(tmp / "data", (model.in_channels, model.input_size, model.input_size), model.num_classes,
+                         2 * args.global_batch_size)
     return Trainer(config)
 
 

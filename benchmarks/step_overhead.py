@@ -36,10 +36,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from ditmoe.data import write_latent_dataset
+from ditmoe.data.synthetic import write_random_latents
 from ditmoe.diffusion import build_objective
 from ditmoe.model import DiT
 from ditmoe.parallel.compile import apply_compile
@@ -106,16 +105,6 @@ def torch_linear():
         yield
     finally:
         torch.nn.functional.linear = current
-
-
-def write_random_latents(root: Path, config: TrainConfig, n: int) -> Path:
-    """``n`` standard-normal latents of the model's shape with random labels."""
-    model = config.model_config()
-    rng = np.random.default_rng(0)
-    shape = (n, model.in_channels, model.input_size, model.input_size)
-    write_latent_dataset(root, rng.standard_normal(shape, dtype=np.float32), 0.0,
-                         rng.integers(0, model.num_classes, n), resolution=8 * model.input_size)
-    return root
 
 
 def seconds(step) -> float:
@@ -197,7 +186,9 @@ def main(argv=None):
                     label = f"{name} ZeRO-{zero_stage} compile {'on' if compile_ else 'off'}"
                     config = train_config(case, zero_stage, compile_, data, Path(tmp) / label.replace(" ", "_"))
                     if not data.exists():
-                        write_random_latents(data, config, 4 * case.batch)
+                        model = config.model_config()
+                        write_random_latents(data, (model.in_channels, model.input_size, model.input_size),
+                                             model.num_classes, 4 * case.batch)
                     result = measure(config, args.steps, args.warmup)
                     gc.collect()  # the trainer's memory before the next one
                     torch.nn.functional.linear = TORCH_LINEAR  # the next trainer starts from torch's own

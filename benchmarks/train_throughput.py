@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ditmoe.data import write_latent_dataset
+from ditmoe.data.synthetic import write_random_latents
 from ditmoe.model import get_preset
 from ditmoe.model.card import model_card
 
@@ -58,13 +58,10 @@ def parse_args(argv=None):
     return args
 
 
-def write_random_latents(root: Path, preset: str, n: int = 512) -> Path:
+def preset_latents(root: Path, preset: str, n: int = 512) -> Path:
+    """``n`` random latents of the preset's shape."""
     config = get_preset(preset)
-    rng = np.random.default_rng(0)
-    shape = (n, config.in_channels, config.input_size, config.input_size)
-    write_latent_dataset(root, rng.standard_normal(shape, dtype=np.float32), 0.0,
-                         rng.integers(0, config.num_classes, n), resolution=8 * config.input_size)
-    return root
+    return write_random_latents(root, (config.in_channels, config.input_size, config.input_size), config.num_classes, n)
 
 
 def command(args, preset: str, micro: int, zero: int, compile_: bool, data: Path, out: Path) -> list[str]:
@@ -114,7 +111,7 @@ def main(argv=None):
           f"{args.log_every}, the first not timed), activation checkpointing {args.activation_checkpointing}, "
           f"MFU against {args.peak_tflops:g} TFLOP/s; model FLOPs per sample = 3 x forward", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        data = {preset: write_random_latents(Path(tmp) / f"data{i}", preset)
+        data = {preset: preset_latents(Path(tmp) / f"data{i}", preset)
                 for i, (preset, _) in enumerate(args.presets)}
         for zero in args.zero_stages:  # presets innermost: a time budget cuts settings, not whole models
             for compile_ in args.compile:

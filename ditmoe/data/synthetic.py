@@ -6,6 +6,8 @@ import tarfile
 import numpy as np
 from PIL import Image
 
+from .latent_format import write_latent_dataset
+
 
 def natural_image(height, width, seed):
     """Photo-like uint8 ``(H, W, 3)``: smooth waves, flat discs with hard edges, sensor noise."""
@@ -80,3 +82,12 @@ def varied_samples(seed=0, bad=True, prefix="s"):
         samples.insert(5, (f"bad-garbage-{prefix}{seed:02d}", {"jpg": b"\xff\xd8 not really a jpeg", "cls": b"2"}))
         samples.append((f"bad-nocls-{prefix}{seed:02d}", {"jpg": jpeg}))
     return samples
+
+
+def write_random_latents(root, latent_shape, num_classes, n, seed=0):
+    """``n`` standard-normal latents of ``latent_shape`` (C, H, W) with random labels, as latent shards in
+    ``root`` (returned); the resolution recorded is that of an 8× VAE."""
+    rng = np.random.default_rng(seed)
+    write_latent_dataset(root, rng.standard_normal((n, *latent_shape), dtype=np.float32), 0.0,
+                         rng.integers(0, num_classes, n), resolution=8 * latent_shape[-1])
+    return root
