@@ -5,14 +5,11 @@ records every synchronising call with the trainer phase it ran in.
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, free_port
+from conftest import free_port, run_cli
 
 RECORDER = Path(__file__).with_name("run_recorder.py")
 BASE = ("data=digits,model.in_channels=1,steps=6,log_every=3,ckpt_every=6,global_batch_size=8,micro_batch_size=4,"
@@ -25,10 +22,8 @@ DEEPSPEED_READS = {"is_invalid_grad_norm"}
 
 def record(tmp_path: Path, runs: dict[str, str]) -> dict:
     out = tmp_path / "runs.json"
-    proc = subprocess.run([sys.executable, str(RECORDER), str(out), *(f"{k}={v}" for k, v in runs.items())],
-                          cwd=REPO, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "OMP_NUM_THREADS": "2", "MASTER_PORT": str(free_port())})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_cli([str(RECORDER), str(out), *(f"{k}={v}" for k, v in runs.items())], timeout=900,
+            env={"OMP_NUM_THREADS": "2", "MASTER_PORT": str(free_port())})
     return json.loads(out.read_text())
 
 
