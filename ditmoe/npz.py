@@ -5,6 +5,7 @@ name and renamed when complete) and one reader (``open_array``: .npy format 1.0 
 """
 
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -65,8 +66,43 @@ def npz_keys(path: str | Path) -> list[str]:
         raise FileNotFoundError(f"{path}: no such file")
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path}: not an .npz file")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return [name[:-4] for name in archive.namelist() if name.endswith(".npy")]
+    except zipfile.BadZipFile as err:
+        raise ValueError(f"{path}: corrupt .npz file: {err}") from None
+
+
+def check_npz(path: str | Path) -> None:
+    """Read the whole npz at ``path`` once, so that damage is found before any work: every member must
+    pass its CRC check, and every ``.npy`` member must have a readable header and as many bytes as it
+    says. ValueError names the file and the member."""
+    npz_keys(path)
     with zipfile.ZipFile(path) as archive:
-        return [name[:-4] for name in archive.namelist() if name.endswith(".npy")]
+        for info in archive.infolist():
+            try:
+                _check_member(archive, info)
+            except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as err:
+                raise ValueError(f"{path}: corrupt .npz file: {info.filename}: {err}") from None
+
+
+def _check_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, chunk: int = 1 << 24) -> None:
+    """Read member ``info`` to its end (zipfile checks the CRC there); for a .npy, check its size."""
+    with archive.open(info) as member:
+        expected = None
+        if info.filename.endswith(".npy"):
+            version = np.lib.format.read_magic(member)
+            if version not in READ_HEADER:
+                raise ValueError(f"unsupported .npy format version {version}")
+            shape, _, dtype = READ_HEADER[version](member)
+            if dtype.hasobject:
+                raise ValueError("holds Python objects, not numbers")
+            expected = int(np.prod(shape)) * dtype.itemsize
+        size = 0
+        while data := member.read(chunk):
+            size += len(data)
+        if expected is not None and size != expected:
+            raise ValueError(f"{size} bytes of data, its header says {expected}")
 
 
 @dataclass

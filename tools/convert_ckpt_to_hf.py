@@ -12,12 +12,22 @@ weights through DeepSpeed's universal checkpoint for ZeRO-3/EP. The folder loads
 ``tools/sample.py --ckpt OUT``.
 """
 
+import argparse
 from pathlib import Path
 
 from ditmoe.cli import Positive, make_parser, user_errors
-from ditmoe.hf.export import DTYPES, export
+from ditmoe.hf.export import DTYPES, export, shard_size_bytes
 from ditmoe.hf.official import SOURCES, default_objective, load_published
 from ditmoe.inference import load_model
+
+
+def shard_size(text: str) -> str:
+    """``--max-shard-size`` as given, once ``shard_size_bytes`` accepts it (else a usage error naming the flag)."""
+    try:
+        shard_size_bytes(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def build_parser():
@@ -27,7 +37,8 @@ def build_parser():
     p.add_argument("--tag", default="latest", help="checkpoint tag under the run (default: the latest)")
     p.add_argument("--weights", choices=["ema", "model"], default="ema", help="EMA (default) or trained weights")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the saved weights")
-    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
+    p.add_argument("--max-shard-size", type=shard_size, default="5GB",
+                   help="largest safetensors shard, e.g. 5GB or 500MB (decimal units KB, MB, GB, TB)")
     p.add_argument("--from", dest="source", choices=["ditmoe", *SOURCES], default="ditmoe",
                    help="ditmoe training checkpoint (default), or a published .pt")
     p.add_argument("--objective", choices=["ddpm", "rectified_flow"],

@@ -10,6 +10,9 @@ $DITMOE_INCEPTION_WEIGHTS). ``arr_0`` holds (N, H, W, 3) uint8 images; grayscale
 (N, H, W, 1) is repeated to 3 channels. The reference's mu, sigma, mu_s, sigma_s are used when present,
 otherwise computed from its arr_0; precision and recall need its arr_0. --write-ref writes such a
 reference batch (those statistics and the 3-channel arr_0) for the images of --samples.
+
+Before any work, every input npz is read through once (CRC of each member, .npy sizes) and the
+reference's statistics must be finite: a damaged file is an error naming it, not a late crash or a NaN.
 """
 
 import os

@@ -7,12 +7,25 @@ One step = one micro-batch per GPU (global batch = micro-batch × world size). A
 (docs/planner.md explains the model and its validation).
 """
 
+import argparse
 import json
+import math
 
 from ditmoe.cli import Positive, make_parser
 from ditmoe.model import get_preset
 from ditmoe.parallel.planner import Layout
 from ditmoe.parallel.planner_report import PlanReport
+
+
+def finite(text: str) -> float:
+    """``text`` as a float; anything else, NaN or infinity included, is a usage error naming the flag."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def build_parser():
@@ -31,7 +44,7 @@ def build_parser():
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="training precision")
     p.add_argument("--resolution", action=Positive, default=256, aliases=["--image-size"],
                    help="image size in pixels; latents are 8x smaller")
-    p.add_argument("--gpu-memory", action=Positive, type=float, default=80.0,
+    p.add_argument("--gpu-memory", action=Positive, type=finite, default=80.0,
                    help="GiB per GPU (default: A100-80GB)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p

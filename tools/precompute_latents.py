@@ -1,7 +1,7 @@
 """Precompute VAE latents from WebDataset image shards.
 
     python tools/precompute_latents.py --input 'train-{000000..000146}.tar' --out DIR \\
-        --resolution 256 --vae stabilityai/sd-vae-ft-ema [--batch-size 64] [--workers 8]
+        --resolution 256 --vae stabilityai/sd-vae-ft-ema [--num-classes 1000] [--batch-size 64] [--workers 8]
 
 Run one process per GPU with torchrun or srun to split the shards over ranks; rerun to resume.
 See docs/data_pipeline.md for the output format.
@@ -24,6 +24,9 @@ def build_parser():
                    help="output directory for latent shards + manifest")
     p.add_argument("--resolution", type=int, choices=(256, 512), required=True, help="image size in pixels")
     p.add_argument("--vae", required=True, help="diffusers AutoencoderKL: hub id or local directory")
+    p.add_argument("--num-classes", action=Positive, default=None,
+                   help="labels must lie in [0, N); a sample with another label is rejected, and the manifest "
+                        "records N. Default: the largest label + 1, with labels of 1000 or more rejected")
     p.add_argument("--batch-size", action=Positive, default=32, help="images per VAE forward (default 32)")
     p.add_argument("--workers", action=Positive, default=min(8, os.cpu_count() or 1), help="decode threads")
     p.add_argument("--decoder", choices=("dali", "pil"), default=None,
@@ -48,7 +51,7 @@ def main(argv=None):
         rank, world_size, local_rank = rank_from_env()
         settings = Settings(inputs=expand_shards(args.input), output=args.out, resolution=args.resolution,
                             vae=args.vae, batch_size=args.batch_size, workers=args.workers, decoder=args.decoder,
-                            device=args.device)
+                            device=args.device, num_classes=args.num_classes)
         totals = Precompute(settings, rank, world_size, local_rank).run()
     print("\n".join(summary_lines(totals, rank, world_size, args.out)))
 

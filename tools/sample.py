@@ -16,6 +16,8 @@ same ``--seed``, ``--batch-size`` and kind of device). A run that dies part-way 
 the next run with as many ranks overwrites them.
 """
 
+import math
+
 import torch.distributed as dist
 
 from ditmoe.cli import Positive, make_parser, user_errors
@@ -28,7 +30,9 @@ def build_parser():
     p.add_argument("--ckpt", required=True, help="run directory, its checkpoints/ or a checkpoint tag directory")
     p.add_argument("--out", required=True, help="output .npz")
     p.add_argument("--num-samples", action=Positive, required=True, help="images to sample")
-    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
+    p.add_argument("--cfg-scale", type=float, default=1.0,
+                   help="classifier-free guidance scale >= 0: 1 (default) samples the class-conditional model "
+                        "unguided, 0 the unconditional one, above 1 guides towards the class")
     p.add_argument("--sampler", help="ddpm (default for DDPM models) | ddim | dpm_solver++ | euler (rectified flow)")
     p.add_argument("--steps", action=Positive, help="sampling steps (default: 250 ddpm, 50 ddim/euler, "
                                                     "20 dpm_solver++)")
@@ -45,6 +49,8 @@ def parse_args(argv=None) -> SampleSettings:
     args = p.parse_args(argv)
     if not args.out.endswith(".npz"):
         p.error(f"--out {args.out} must end in .npz")
+    if not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
+        p.error(f"--cfg-scale must be a number >= 0 (1: no guidance), got {args.cfg_scale}")
     return SampleSettings(**vars(args))
 
 

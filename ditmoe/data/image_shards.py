@@ -2,7 +2,9 @@
 
 A sample is a run of consecutive tar members sharing a key: ``dir/name.jpg`` and ``dir/name.cls``
 both belong to key ``dir/name`` (the extension starts at the first dot of the base name, as in
-webdataset). Reading stops at the first tar error; the sample it hit is reported as damaged.
+webdataset). A member whose extension the current sample already has starts a new sample with
+the same key, so an adjacent duplicate is read (and can be rejected) rather than merged away.
+Reading stops at the first tar error; the sample it hit is reported as damaged.
 """
 
 import re
@@ -55,7 +57,7 @@ class ImageShardReader:
                         continue
                     match = _KEY_EXT.match(member.name)
                     key, ext = (match.group(1), match.group(2).lower()) if match else (member.name, "")
-                    if current is not None and key != current.key:
+                    if current is not None and (key != current.key or ext in current.fields):
                         yield current
                         current = None
                     if current is None:

@@ -15,6 +15,7 @@ the same size (``record_bytes`` in the manifest), so sample ``i`` of a shard sta
 import hashlib
 import io
 import json
+import math
 import os
 import tarfile
 from pathlib import Path
@@ -73,9 +74,17 @@ def encode_latent(latent):
     return buf.getvalue()
 
 
+def npy_header(shape):
+    """The ``.npy`` header that :func:`encode_latent` writes for latents of ``shape`` (without allocating them)."""
+    buf = io.BytesIO()
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(DTYPE)), "fortran_order": False, "shape": tuple(shape)}
+    np.lib.format.write_array_header_1_0(buf, header)
+    return buf.getvalue()
+
+
 def record_size(shape):
     """Bytes per sample in a shard for latents of ``shape`` ``(V, 2, C, H, W)``."""
-    npy = len(encode_latent(np.zeros(shape, dtype=DTYPE)))
+    npy = len(npy_header(shape)) + 2 * math.prod(shape)
     return 3 * BLOCK + -(-npy // BLOCK) * BLOCK  # cls header + data block, npy header + data
 
 
@@ -168,10 +177,9 @@ class RecordReader:
 
     def __init__(self, shape):
         self.shape = tuple(shape)
-        self.count = int(np.prod(self.shape))
-        npy = encode_latent(np.zeros(self.shape, dtype=DTYPE))
-        self.npy_size = len(npy)
-        self.npy_header = npy[: self.npy_size - 2 * self.count]
+        self.count = math.prod(self.shape)
+        self.npy_header = npy_header(self.shape)
+        self.npy_size = len(self.npy_header) + 2 * self.count
         self.size = record_size(self.shape)
 
     def __call__(self, buf, *, shard, index):
@@ -196,31 +204,77 @@ class RecordReader:
         return key, label, latent
 
 
+def _count(v):
+    return type(v) is int and v >= 0
+
+
+def _positive(v):
+    return type(v) is int and v > 0
+
+
+def _positive_number(v):
+    return type(v) in (int, float) and math.isfinite(v) and v > 0
+
+
+# key -> (check, what the value must be)
+MANIFEST_TYPES = {
+    "vae": (lambda v: isinstance(v, str), "a string"),
+    "scaling_factor": (_positive_number, "a positive number"),
+    "resolution": (lambda v: v is None or _positive(v), "a positive integer or null"),
+    "latent_shape": (lambda v: type(v) is list and len(v) == 3 and all(map(_positive, v)),
+                     "a list of 3 positive integers [C, H, W]"),
+    "dtype": (lambda v: v == DTYPE, repr(DTYPE)),
+    "flip": (lambda v: type(v) is bool, "true or false"),
+    "num_classes": (_positive, "a positive integer"),
+    "num_samples": (_count, "an integer >= 0"),
+    "record_bytes": (_positive, "a positive integer"),
+    "shards": (lambda v: type(v) is list, "a list of shard entries"),
+}
+SHARD_TYPES = {
+    "name": (lambda v: isinstance(v, str) and v != "", "a file name"),
+    "num_samples": (_count, "an integer >= 0"),
+    "bytes": (_count, "an integer >= 0"),
+    "sha256": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def _check_object(path, where, obj, required, types):
+    """ManifestError naming ``path`` and the key unless ``obj`` is a dict with the ``required`` keys, each key
+    of ``types`` passing its check; ``where`` names ``obj`` in the manifest ('' for the manifest itself)."""
+    if type(obj) is not dict:
+        raise ManifestError(f"{path}: {where or 'the manifest'} must be a JSON object, got {type(obj).__name__}")
+    missing = [k for k in required if k not in obj]
+    if missing:
+        raise ManifestError(f"{path}: {where + ' ' if where else ''}missing keys {missing}")
+    for key, (check, what) in types.items():
+        if not check(obj[key]):
+            raise ManifestError(f"{path}: {where + '.' if where else ''}{key} must be {what}, got {obj[key]!r}")
+
+
 def read_manifest(root):
     """Load and sanity-check ``ROOT/manifest.json``; errors name the file and the key."""
     path = Path(root) / MANIFEST
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_bytes())
     except FileNotFoundError:
         raise ManifestError(f"{path}: no manifest (not a latent dataset, or precompute unfinished)") from None
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise ManifestError(f"{path}: invalid JSON: {e}") from None
-    missing = [k for k in MANIFEST_KEYS if k not in manifest]
-    if missing:
-        raise ManifestError(f"{path}: missing keys {missing}")
+    _check_object(path, "", manifest, MANIFEST_KEYS, MANIFEST_TYPES)
     if manifest["format"] != FORMAT or manifest["version"] != VERSION:
         raise ManifestError(
             f"{path}: format {manifest['format']!r} v{manifest['version']}, expected {FORMAT!r} v{VERSION}"
         )
+    for i, s in enumerate(manifest["shards"]):
+        _check_object(path, f"shards[{i}]", s, SHARD_TYPES, SHARD_TYPES)
+        if Path(s["name"]).name != s["name"]:
+            raise ManifestError(f"{path}: shard name {s['name']!r} must be a file name in {root}")
     shape = (2 if manifest["flip"] else 1, 2, *manifest["latent_shape"])
     if manifest["record_bytes"] != record_size(shape):
         raise ManifestError(f"{path}: record_bytes {manifest['record_bytes']} does not fit latents {list(shape)}")
     total = sum(s["num_samples"] for s in manifest["shards"])
     if total != manifest["num_samples"]:
         raise ManifestError(f"{path}: shards hold {total} samples, num_samples says {manifest['num_samples']}")
-    for s in manifest["shards"]:
-        if Path(s["name"]).name != s["name"]:
-            raise ManifestError(f"{path}: shard name {s['name']!r} must be a file name in {root}")
     return manifest
 
 
@@ -235,6 +289,44 @@ def verify_shards(root, shards, *, checksum=True):
             raise ManifestError(f"latent shard {path}: {size} bytes, manifest says {s['bytes']} (truncated?)")
         if checksum and sha256_file(path) != s["sha256"]:
             raise ManifestError(f"latent shard {path}: sha256 checksum mismatch with {MANIFEST} (corrupt file)")
+
+
+def tar_size(num_samples, record_bytes):
+    """Bytes of a shard of ``num_samples`` records as ``tarfile`` writes it: the records, two zero blocks
+    ending the archive, then zeros up to a multiple of ``tarfile.RECORDSIZE``."""
+    used = num_samples * record_bytes + 2 * BLOCK
+    return -(-used // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
+def check_shard_records(root, manifest):
+    """Check that each shard holds exactly its ``num_samples`` records of ``record_bytes`` (its size, the
+    header of its last record and the end of the archive after it), so that a manifest edited to list
+    fewer or more samples than the shards hold fails here instead of training on a subset or failing
+    mid-run. ManifestError names the shard, the expected and the actual bytes."""
+    record = manifest["record_bytes"]
+    for s in manifest["shards"]:
+        path, n = Path(root) / s["name"], s["num_samples"]
+        expected, size = tar_size(n, record), path.stat().st_size
+        if size != expected:
+            problem = f"expected {expected} bytes, the file has {size}"
+        else:
+            problem = _records_end(path, n, record)
+        if problem:
+            raise ManifestError(f"latent shard {path} does not hold num_samples={n} records of "
+                                f"record_bytes={record} listed in {MANIFEST}: {problem}")
+
+
+def _records_end(path, n, record):
+    """Why ``path`` does not end its records after record ``n - 1``, or None if it does."""
+    with open(path, "rb") as f:
+        last = os.pread(f.fileno(), BLOCK, (n - 1) * record) if n else None
+        after = os.pread(f.fileno(), BLOCK, n * record)
+    if last is not None and last[257:262] != b"ustar":
+        return (f"expected the header of sample #{n - 1} at byte {(n - 1) * record}, found none "
+                "(the shard holds fewer samples)")
+    if after.strip(b"\0"):
+        return f"expected the end of the archive at byte {n * record}, found more data (the shard holds more samples)"
+    return None
 
 
 def make_manifest(shards, *, latent_shape, flip, num_classes, vae, scaling_factor, resolution, counts=None,

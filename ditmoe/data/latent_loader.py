@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .latent_format import RecordReader, read_manifest, verify_shards
+from .latent_format import RecordReader, check_shard_records, read_manifest, verify_shards
 
 
 def _pinned(batch):
@@ -103,7 +103,8 @@ class _Batches(IterableDataset):
 class LatentLoader:
     """Infinite iterator of ``(x (B, C, H, W) float32, y (B,) int64)`` over a latent dataset.
 
-    The manifest is checked at start: every shard must exist with its recorded size, and with
+    The manifest is checked at start: every shard must exist with its recorded size, hold exactly its
+    ``num_samples`` records of ``record_bytes`` (see ``check_shard_records``), and with
     ``verify="sha256"`` this rank also checks the checksums of shards ``rank::world_size`` (so the
     ranks share the work; any bad shard stops the job with an error naming it). Use
     ``verify="size"`` to skip checksums. Iterate one loop at a time; ``state_dict`` gives the
@@ -123,6 +124,7 @@ class LatentLoader:
             raise ValueError(f"verify must be 'sha256' or 'size', got {verify!r}")
         manifest = read_manifest(root)
         verify_shards(root, manifest["shards"], checksum=False)
+        check_shard_records(root, manifest)
         if verify == "sha256":
             verify_shards(root, manifest["shards"][rank::world_size], checksum=True)
         self.manifest = manifest

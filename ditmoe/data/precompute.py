@@ -5,10 +5,18 @@ shard ``i`` goes to rank ``i % world_size``. A finished shard gets a sidecar ``N
 (counts, checksum, rejects), written after the tar is renamed into place; a rerun skips shards
 whose sidecar matches the settings. The last rank to finish writes ``rejects.jsonl`` and then
 ``manifest.json``. Every sample read is either written or listed in the rejects with its reason.
+
+Samples are rejected, never repaired: a duplicate key, a label outside ``[0, num_classes)``, and a
+key that is not a plain relative path (absolute, with ``.``/``..``/empty parts or a backslash: as an
+output member name it would point out of the dataset when extracted). A shard's temporary files
+(``NAME.tar.tmpPID``, ``NAME.tar.json.tmpPID``) are removed when its writing fails, and stale ones
+from killed runs when the rank that owns the shard starts.
 """
 
+import glob
 import json
 import os
+import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,10 +28,11 @@ from tqdm import tqdm
 
 from .image_shards import ImageShardReader
 from .latent_format import MANIFEST, REJECTS, ShardWriter, check_key, make_manifest, write_json_atomic
-from .preprocess import pil_preprocess, plan_resize, probe_image
+from .preprocess import error_text, pil_preprocess, plan_resize, probe_image
 from .vae_encode import encode_with_flip, latent_shape, load_vae
 
 IMAGE_EXTS = ("jpg", "jpeg", "png")
+DEFAULT_LABEL_LIMIT = 1000  # without num_classes, labels at or above this are rejected
 
 
 @dataclass
@@ -36,6 +45,12 @@ class Settings:
     workers: int = 4
     decoder: str = "pil"  # "pil" or "dali"
     device: str = "cpu"  # "cpu" or "cuda"
+    num_classes: int = None  # labels must lie in [0, num_classes); None: largest label + 1, below 1000
+
+    @property
+    def label_limit(self):
+        """Labels at or above this are rejected."""
+        return self.num_classes or DEFAULT_LABEL_LIMIT
 
 
 @dataclass
@@ -63,33 +78,55 @@ def rank_from_env(env=os.environ):
     return 0, 1, 0
 
 
-def _prepare(sample, resolution, seen):
+def _key_problem(key):
+    """Why ``key`` cannot name output members (str), or None if it can."""
+    try:
+        check_key(key)
+    except ValueError as e:
+        return str(e)
+    if key.startswith("/"):
+        return "unsafe key: absolute path"
+    if "\\" in key:
+        return "unsafe key: backslash (a path separator on Windows)"
+    if any(part in ("", ".", "..") for part in key.split("/")):
+        return "unsafe key: empty, '.' or '..' path component"
+    return None
+
+
+def _label(fields, limit):
+    """The class label in ``fields["cls"]`` (int), or the reason to reject the sample (str)."""
+    if "cls" not in fields:
+        return "missing cls"
+    try:
+        label = int(fields["cls"].decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        return f"bad cls {fields['cls'][:20]!r}"
+    if not 0 <= label < limit:
+        return f"cls {label} is outside [0, {limit}): see --num-classes"
+    return label
+
+
+def _prepare(sample, settings, seen):
     """TarSample -> _Candidate, or the reason to reject it (str)."""
     if sample.error:
         return sample.error
     if sample.key in seen:
         return "duplicate key in this shard"
     seen.add(sample.key)
-    try:
-        check_key(sample.key)
-    except ValueError as e:
-        return str(e)
-    if "cls" not in sample.fields:
-        return "missing cls"
-    try:
-        label = int(sample.fields["cls"].decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        return f"bad cls {sample.fields['cls'][:20]!r}"
-    if label < 0:
-        return f"negative cls {label}"
+    problem = _key_problem(sample.key)
+    if problem:
+        return problem
+    label = _label(sample.fields, settings.label_limit)
+    if isinstance(label, str):
+        return label
     ext = next((e for e in IMAGE_EXTS if e in sample.fields), None)
     if ext is None:
         return f"no jpg/jpeg/png image (fields: {sorted(sample.fields)})"
     try:
         image_format, mode, size = probe_image(sample.fields[ext])
     except Exception as e:  # PIL raises many types for bad headers
-        return f"undecodable {ext}: {e}"
-    plan = plan_resize(*size, resolution)
+        return f"undecodable {ext}: {error_text(e)}"
+    plan = plan_resize(*size, settings.resolution)
     return _Candidate(sample.key, sample.fields[ext], label, image_format, mode, plan)
 
 
@@ -115,7 +152,7 @@ class _Preprocessor:
         try:
             return torch.from_numpy(pil_preprocess(cand.data, self.resolution))
         except Exception as e:  # any decoder failure rejects this one sample
-            return f"undecodable {cand.image_format}: {e}"
+            return f"undecodable {cand.image_format}: {error_text(e)}"
 
     def __call__(self, cands):
         results = [None] * len(cands)
@@ -147,6 +184,20 @@ def _batched(iterable, size):
         yield batch
 
 
+def _temp_path(path):
+    """Where latent_format's writers (and ``finalize``) put ``path`` until it is complete."""
+    return path.with_name(f"{path.name}.tmp{os.getpid()}")
+
+
+def _remove_temp_files(*paths):
+    """Delete ``PATH.tmpPID`` of each path, for any PID (a partial file from this or a killed run)."""
+    for path in paths:
+        pattern = re.compile(re.escape(path.name) + r"\.tmp\d+")
+        for tmp in path.parent.glob(glob.escape(path.name) + ".tmp*"):
+            if pattern.fullmatch(tmp.name):
+                tmp.unlink(missing_ok=True)
+
+
 class Precompute:
     """One rank's work: load the VAE once, then :meth:`run`."""
 
@@ -164,6 +215,7 @@ class Precompute:
             "vae": settings.vae, "resolution": settings.resolution,
             "scaling_factor": float(self.vae.config.scaling_factor),
             "latent_shape": list(latent_shape(self.vae, settings.resolution)), "flip": True,
+            "label_limit": settings.label_limit,
         }
         self.pre = _Preprocessor(settings, gpu)
 
@@ -188,43 +240,58 @@ class Precompute:
         return part
 
     def _process(self, src, bar):
+        """Encode ``src`` into its latent shard and sidecar; no temporary file outlives a failure."""
         dst, side = self._paths(src)
         side.unlink(missing_ok=True)  # a stale sidecar must not count as done while we redo the shard
+        try:
+            part = self._encode_shard(src, dst, bar)
+            write_json_atomic(side, part)
+        finally:
+            _remove_temp_files(dst, side)  # only this rank writes them
+        if part["tar_error"]:
+            tqdm.write(f"warning: {src}: {part['tar_error']}", file=sys.stderr)
+        return part
+
+    def _encode_shard(self, src, dst, bar):
+        """Write the latent shard of ``src``; return its sidecar record (counts, checksum, rejects)."""
         reader = ImageShardReader(src)
         read, rejects, labels, seen = 0, [], [], set()
         with ShardWriter(dst) as writer:
             for batch in _batched(reader, self.s.batch_size):
                 read += len(batch)
-                prepared = [_prepare(sample, self.s.resolution, seen) for sample in batch]
-                cands = [p for p in prepared if not isinstance(p, str)]
-                images = self.pre(cands)
-                good = [(c, img) for c, img in zip(cands, images) if not isinstance(img, str)]
-                outcome = {c.key: img for c, img in zip(cands, images) if isinstance(img, str)}  # key -> reason
-                if good:
-                    latents = encode_with_flip(self.vae, torch.stack([img for _, img in good]))
-                    outcome.update({c.key: lat.numpy() for (c, _), lat in zip(good, latents)})
-                for sample, p in zip(batch, prepared):
-                    result = p if isinstance(p, str) else outcome[p.key]
+                for sample, result in zip(batch, self._encode_batch(batch, seen)):
                     if isinstance(result, str):
                         rejects.append({"shard": str(src), "key": sample.key, "reason": result})
                     else:
-                        writer.write(p.key, result, p.label)
-                        labels.append(p.label)
+                        cand, latent = result
+                        writer.write(cand.key, latent, cand.label)
+                        labels.append(cand.label)
                 bar.update(len(batch))
             info = writer.close()
         assert info["num_samples"] + len(rejects) == read
-        part = {**info, "source": str(Path(src).resolve()), "read": read, "rejected": len(rejects),
+        return {**info, "source": str(Path(src).resolve()), "read": read, "rejected": len(rejects),
                 "rejects": rejects, "tar_error": reader.error, "max_label": max(labels, default=-1),
                 "settings": self.fingerprint}
-        write_json_atomic(side, part)
-        if reader.error:
-            tqdm.write(f"warning: {src}: {reader.error}", file=sys.stderr)
-        return part
+
+    def _encode_batch(self, batch, seen):
+        """TarSamples -> ``(candidate, latent)`` or the reason to reject it (str), one each, in order."""
+        results = [_prepare(sample, self.s, seen) for sample in batch]
+        todo = [i for i, r in enumerate(results) if not isinstance(r, str)]
+        images = dict(zip(todo, self.pre([results[i] for i in todo])))  # index -> (res, res, 3) uint8 or reason
+        good = [i for i in todo if not isinstance(images[i], str)]
+        if good:
+            latents = encode_with_flip(self.vae, torch.stack([images[i] for i in good]))  # (N, 2, 2, C, h, w)
+            for i, latent in zip(good, latents):
+                results[i] = (results[i], latent.numpy())
+        for i in set(todo) - set(good):
+            results[i] = images[i]
+        return results
 
     def run(self):
         """Process this rank's shards; write the manifest if all shards are done. Returns totals."""
         self.s.output.mkdir(parents=True, exist_ok=True)
         mine = self.s.inputs[self.rank::self.world_size]
+        _remove_temp_files(*(path for src in mine for path in self._paths(src)))  # left by killed runs
         totals = {"shards": len(mine), "skipped": 0, "read": 0, "written": 0, "rejected": 0}
         start = time.perf_counter()
         with tqdm(unit="img", desc=f"rank {self.rank}/{self.world_size}", mininterval=2) as bar:
@@ -248,23 +315,37 @@ class Precompute:
         parts = [self._finished(src) for src in self.s.inputs]
         if None in parts:
             return None
-        with open(self.s.output / f"{REJECTS}.tmp{os.getpid()}", "w") as f:
+        rejects, manifest = self.s.output / REJECTS, self.s.output / MANIFEST
+        try:  # other ranks may be finalizing too: remove only this process's temporary files
+            self._write_rejects(parts, rejects)
+            result = self._manifest(parts)
+            write_json_atomic(manifest, result)
+        finally:
+            _temp_path(rejects).unlink(missing_ok=True)
+            _temp_path(manifest).unlink(missing_ok=True)
+        return result
+
+    @staticmethod
+    def _write_rejects(parts, path):
+        """All shards' rejects, one JSON object a line, in input order."""
+        with open(_temp_path(path), "w") as f:
             for part in parts:
                 for reject in part["rejects"]:
                     f.write(json.dumps(reject) + "\n")
-        os.replace(f.name, self.s.output / REJECTS)
+        os.replace(f.name, path)
+
+    def _manifest(self, parts):
+        """The manifest of the finished shards' sidecars ``parts``."""
         keep = ("name", "num_samples", "bytes", "sha256", "source", "read", "rejected", "tar_error")
         counts = {"read": sum(p["read"] for p in parts), "written": sum(p["num_samples"] for p in parts),
                   "rejected": sum(p["rejected"] for p in parts)}
         fp = self.fingerprint
-        manifest = make_manifest(
+        return make_manifest(
             [{k: p[k] for k in keep} for p in parts], latent_shape=fp["latent_shape"], flip=True,
-            num_classes=max(p["max_label"] for p in parts) + 1, vae=fp["vae"], scaling_factor=fp["scaling_factor"],
-            resolution=fp["resolution"], counts=counts, rejects=REJECTS,
+            num_classes=self.s.num_classes or max(p["max_label"] for p in parts) + 1, vae=fp["vae"],
+            scaling_factor=fp["scaling_factor"], resolution=fp["resolution"], counts=counts, rejects=REJECTS,
             source_shards=[p["source"] for p in parts],
         )
-        write_json_atomic(self.s.output / MANIFEST, manifest)
-        return manifest
 
 
 def summary_lines(totals: dict, rank: int, world_size: int, out: Path) -> list[str]:

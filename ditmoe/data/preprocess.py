@@ -4,13 +4,20 @@ To a ``resolution`` r: while the short side is at least 2r, halve the image with
 (sizes floored); then resize bicubically so the short side is r (the long side rounded); then
 cut the centered r x r square (offsets floored). The DALI pipeline in ``dali_preprocess``
 reproduces this; the PIL version here is the reference it is measured against.
+
+Images become 8-bit RGB before resizing; 16-bit grayscale is scaled from its full range (see
+:func:`to_rgb`). Decoder errors are reported with :func:`error_text`, which is stable across runs.
 """
 
 import io
+import re
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+
+_WIDE_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 @dataclass(frozen=True)
@@ -46,7 +53,22 @@ def probe_image(data):
         return image.format, image.mode, image.size
 
 
+def to_rgb(image):
+    """PIL image -> RGB, scaling 16-bit grayscale (modes ``I;16*``, and ``I`` as older PIL decodes such
+    PNGs) from 0..65535 to 0..255. ``convert("RGB")`` alone clips those values, leaving them nearly white."""
+    if image.mode in _WIDE_GRAY:
+        wide = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+        image = Image.fromarray(((wide + 128) // 257).astype(np.uint8))  # round(v * 255 / 65535), mode L
+    return image.convert("RGB")
+
+
 def pil_preprocess(data, resolution):
     """Encoded image bytes -> ``(resolution, resolution, 3)`` uint8 RGB (raises if undecodable)."""
     with Image.open(io.BytesIO(data)) as image:
-        return center_crop_arr(image.convert("RGB"), resolution)
+        return center_crop_arr(to_rgb(image), resolution)
+
+
+def error_text(error):
+    """An exception as stable text: its message without object reprs (PIL names the stream it could
+    not identify, ``<_io.BytesIO object at 0x7f...>``), or its type name when the message is empty."""
+    return _OBJECT_REPR.sub("", str(error)).strip() or type(error).__name__

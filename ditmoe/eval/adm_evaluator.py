@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..npz import NpzWriter, npz_keys, open_array
+from ..npz import NpzWriter, check_npz, npz_keys, open_array
 from .adm_metrics import inception_score, precision_recall
 from .frechet import feature_statistics, frechet_distance
 from .inception import InceptionV3, load_inception
@@ -84,6 +84,10 @@ def stored_statistics(path: str) -> dict[str, np.ndarray] | None:
     for key, shape in STAT_SHAPES.items():
         if stats[key].shape != shape:
             raise ValueError(f"{path}: {key} has shape {stats[key].shape}, expected {shape}")
+        if stats[key].dtype.kind not in "fiu":
+            raise ValueError(f"{path}: {key} must hold real numbers, got {stats[key].dtype}")
+        if not np.isfinite(stats[key]).all():
+            raise ValueError(f"{path}: {key} holds NaN or infinite values")
     return stats
 
 
@@ -101,6 +105,7 @@ def write_reference_batch(samples: str, out: str, weights: str, batch_size: int 
     """An np.savez-compatible reference batch at ``out`` for the images of ``samples``: their statistics
     and the 3-channel arr_0, written batch by batch."""
     _float32_matmuls()
+    check_npz(samples)  # a damaged file fails here, not after the Inception pass
     count, height, width = image_shape(samples)[:3]
     model = load_inception(weights, device)
     stats = statistics(inception_outputs(model, samples, batch_size, device))
@@ -114,6 +119,8 @@ def evaluate_samples(samples: str, ref: str, weights: str, batch_size: int = 64,
     """The five metrics of ADM's evaluator for ``samples`` against the reference batch ``ref`` (None where
     not computable: precision and recall need the reference's arr_0). Inputs are checked before any work."""
     _float32_matmuls()
+    check_npz(samples)  # damaged files fail here, not after the Inception passes
+    check_npz(ref)
     image_shape(samples)
     ref_stats = stored_statistics(ref)
     ref_has_images = "arr_0" in npz_keys(ref)

@@ -2,6 +2,7 @@
 modeling code, the diffusion schedule and a model card."""
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -16,6 +17,16 @@ from .remote_code import write_remote_code
 
 AUTO_MAP = {"AutoConfig": "configuration_ditmoe.DiTMoEConfig", "AutoModel": "modeling_ditmoe.DiTMoEModel"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}  # decimal, as Hugging Face counts
+
+
+def shard_size_bytes(size: str) -> int:
+    """``size`` such as ``5GB``, ``500MB`` or ``0.5GB`` in bytes; ValueError unless it is at least one byte."""
+    match = re.fullmatch(r"\s*(\d+\.?\d*|\.\d+)\s*([KMGT]B)\s*", size, re.IGNORECASE)
+    count = int(float(match[1]) * SIZE_UNITS[match[2].upper()]) if match else 0
+    if count < 1:
+        raise ValueError(f"{size!r} is not a positive size such as 5GB or 500MB (units KB, MB, GB, TB)")
+    return count
 
 
 def diffusion_config(objective: str, learn_sigma: bool) -> dict:
@@ -35,13 +46,14 @@ def export(model: DiT, out: str | Path, *, objective: str, dtype: str = "fp32", 
     """Save ``model`` into ``out``; returns the parameter counts. ``source`` is named in the card."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    shard_bytes = shard_size_bytes(max_shard_size)  # before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = DiTMoEConfig.from_dit_config(model.config, auto_map=AUTO_MAP)
     hf_model = DiTMoEModel(config)
     hf_model.load_state_dict(hf.from_ditmoe(model.state_dict()))
     hf_model.to(DTYPES[dtype])
-    hf_model.save_pretrained(out, max_shard_size=max_shard_size)
+    hf_model.save_pretrained(out, max_shard_size=shard_bytes)
     write_remote_code(out)
     schedule = diffusion_config(objective, model.config.learn_sigma)
     (out / SCHEDULER_FILE).write_text(json.dumps(schedule, indent=2) + "\n")

@@ -1,5 +1,6 @@
 """Architecture configuration of DiT / DiT-MoE models."""
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 
 ROUTINGS = ("token_choice", "expert_choice")
@@ -38,14 +39,13 @@ class DiTConfig:
     balance_loss_alpha: float = 0.005  #: Token choice: weight of the load-balancing auxiliary loss (training only).
 
     def __post_init__(self):
+        self._check_sizes()
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
         if self.input_size % self.patch_size:
             raise ValueError(
                 f"input_size={self.input_size} (latent size) is not divisible by patch_size={self.patch_size}"
             )
-        if self.num_experts < 0:
-            raise ValueError(f"num_experts={self.num_experts} must be >= 0")
         if self.routing not in ROUTINGS:
             raise ValueError(f"routing={self.routing!r} is not one of {ROUTINGS}")
         if self.moe_placement not in MOE_PLACEMENTS:
@@ -54,6 +54,20 @@ class DiTConfig:
             raise ValueError(f"top_k={self.top_k} must be between 1 and num_experts={self.num_experts}")
         if self.num_experts and self.routing == "expert_choice" and self.capacity_factor <= 0:
             raise ValueError(f"capacity_factor={self.capacity_factor} must be > 0")
+
+    def _check_sizes(self):
+        """Sizes must be positive (experts and shared experts may be 0), before anything divides by them."""
+        for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes",
+                     "mlp_ratio", "expert_ratio", "capacity_factor"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be positive, got {value}")
+        for name in ("num_experts", "num_shared_experts", "shared_expert_ratio"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if not 0 <= self.class_dropout_prob <= 1:
+            raise ValueError(f"class_dropout_prob must be in [0, 1], got {self.class_dropout_prob}")
 
     @property
     def is_moe(self) -> bool:
