@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from .layout import EMA_FILE, ema_shard_file
+from .safe_load import safe_load
 
 
 def save_ema(tag_dir: Path, rank: int, *, full: dict, local: dict | None):
@@ -21,7 +22,7 @@ def load_local_ema(tag_dir: Path, meta: dict, rank: int) -> dict:
     file = tag_dir / (ema_shard_file(rank) if meta.get("ema_shards") else EMA_FILE)
     if not file.is_file():
         raise FileNotFoundError(f"checkpoint {tag_dir}: missing {file.name}")
-    return torch.load(file, map_location="cpu")
+    return safe_load(file)
 
 
 def load_full_ema(tag_dir: Path) -> dict:
@@ -29,4 +30,4 @@ def load_full_ema(tag_dir: Path) -> dict:
     file = tag_dir / EMA_FILE
     if not file.is_file():
         raise FileNotFoundError(f"checkpoint {tag_dir}: missing {EMA_FILE}")
-    return torch.load(file, map_location="cpu")
+    return safe_load(file)

@@ -5,6 +5,7 @@ model and training config, data position, RNG); ``OUT/checkpoints/latest`` names
 is written last, so a crash mid-save leaves the previous checkpoint as the latest.
 """
 
+import os
 from pathlib import Path
 
 META = "meta.json"
@@ -35,6 +36,15 @@ def latest_tag_dir(ckpt_root: Path) -> Path | None:
     if not tag_dir.is_dir():
         raise FileNotFoundError(f"{latest} names {tag_dir.name!r}, which does not exist")
     return tag_dir
+
+
+def write_latest(tag_dir: Path):
+    """Name ``tag_dir`` in the ``latest`` file beside it: written aside and renamed, so a failed write
+    (a full disk) leaves the previous ``latest`` whole."""
+    latest = tag_dir.parent / LATEST
+    staging = latest.with_name(LATEST + ".partial")
+    staging.write_text(tag_dir.name)
+    os.replace(staging, latest)
 
 
 def resolve_checkpoint(path: str | Path, tag: str = "latest") -> Path:

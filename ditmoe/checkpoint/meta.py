@@ -7,11 +7,36 @@ from ..model import DiTConfig
 from .layout import META
 
 
+class MissingKey(KeyError):
+    """A key missing from a checkpoint file; prints as its message (a plain KeyError prints quoted)."""
+
+    def __str__(self):
+        return str(self.args[0])
+
+
+class Meta(dict):
+    """A JSON object of ``meta.json``: a missing key is a KeyError naming the file and the key."""
+
+    def __init__(self, items: dict, file: Path):
+        super().__init__(items)
+        self.file = file
+
+    def __missing__(self, key):
+        raise MissingKey(f"checkpoint file {self.file}: missing key {key!r}")
+
+
 def read_meta(tag_dir: Path) -> dict:
+    """``tag_dir``'s meta.json; a missing key (at any depth) is a KeyError naming the file and the key."""
     file = tag_dir / META
     if not file.is_file():
         raise FileNotFoundError(f"checkpoint {tag_dir}: missing {META}")
-    return json.loads(file.read_text())
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"), object_hook=lambda items: Meta(items, file))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"checkpoint file {file} is not UTF-8 JSON ({err})") from err
+    if not isinstance(meta, dict):
+        raise ValueError(f"checkpoint file {file}: expected a JSON object, got {type(meta).__name__}")
+    return meta
 
 
 def write_meta(tag_dir: Path, meta: dict):

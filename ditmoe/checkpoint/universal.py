@@ -16,8 +16,12 @@ from pathlib import Path
 
 import torch
 
+from ..model import DiT, DiTConfig
 from ..weights import autoep
 from .layout import universal_dir
+from .meta import read_meta
+from .safe_load import safe_load
+from .verify import verify_files
 
 STATES = ("fp32", "exp_avg", "exp_avg_sq")
 
@@ -28,21 +32,30 @@ def convert(tag_dir: Path) -> Path:
     out = universal_dir(tag_dir)
     if out.is_dir():
         return out
+    verify_files(sorted(tag_dir.glob("*.pt")))  # ds_to_universal unpickles them with weights_only=False
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
                            "--output_folder", str(staging)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"ds_to_universal failed on {tag_dir}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    add_both_names(staging / "zero")
+    add_both_names(staging / "zero", param_shapes(tag_dir))
     staging.rename(out)
     (out.parent / "latest_universal").write_text(out.name)
     return out
 
 
-def add_both_names(zero: Path):
+def param_shapes(tag_dir: Path) -> dict[str, torch.Size]:
+    """Parameter shapes of the model ``tag_dir`` was trained with, in ditmoe's names (ZeRO-3's universal
+    files hold flat tensors)."""
+    with torch.device("meta"):
+        model = DiT(DiTConfig.from_dict(read_meta(tag_dir)["model_config"]))
+    return {name: p.shape for name, p in model.named_parameters()}
+
+
+def add_both_names(zero: Path, shapes: dict[str, torch.Size]):
     """Every MoE layer's parameters under both ditmoe's and AutoEP's names, so a checkpoint written
-    with expert parallelism resumes without it and the other way round."""
+    with expert parallelism resumes without it and the other way round; ``shapes``: ditmoe's shapes."""
     folders = sorted(folder.name for folder in zero.iterdir())
     for layer in autoep.autoep_layers(folders):
         if not (zero / autoep.ditmoe_expert_names(layer)[0]).exists():
@@ -51,7 +64,8 @@ def add_both_names(zero: Path):
     for layer in autoep.ditmoe_layers(folders):
         if not (zero / autoep.autoep_expert_names(layer)[0]).exists():
             shutil.copytree(zero / autoep.gate_name(layer), zero / autoep.router_name(layer))
-            _convert(zero, autoep.ditmoe_expert_names(layer), partial(autoep.experts_from_ditmoe, layer), _expert_entry)
+            _convert(zero, autoep.ditmoe_expert_names(layer), partial(autoep.experts_from_ditmoe, layer), _expert_entry,
+                     shapes)
 
 
 def _entry(param: torch.Tensor) -> dict:
@@ -64,12 +78,14 @@ def _expert_entry(param: torch.Tensor) -> dict:
     return {"param": param.contiguous(), "cat_dim": 0, "is_expert_param": True, "ep_num_experts": param.shape[0]}
 
 
-def _convert(zero: Path, sources: tuple[str, ...], rename, entry):
-    """For every optimizer state, read parameters ``sources`` once and write ``entry(tensor)`` for each
-    {name: tensor} of ``rename(*tensors)`` to ``zero/<name>/``."""
+def _convert(zero: Path, sources: tuple[str, ...], rename, entry, shapes: dict | None = None):
+    """For every optimizer state, read parameters ``sources`` once (shaped as ``shapes`` gives, if it names
+    them) and write ``entry(tensor)`` for each {name: tensor} of ``rename(*tensors)`` to ``zero/<name>/``."""
     folders = set()
+    shapes = shapes or {}
     for state in STATES:
         tensors = [load_param(zero / source / f"{state}.pt") for source in sources]
+        tensors = [t.reshape(shapes.get(source, t.shape)) for t, source in zip(tensors, sources)]
         for target, param in rename(*tensors).items():
             folders.add(folder := zero / target)
             folder.mkdir(exist_ok=True)
@@ -82,5 +98,5 @@ def _convert(zero: Path, sources: tuple[str, ...], rename, entry):
 
 def load_param(file: Path) -> torch.Tensor:
     """A universal state file holds ``{"param": tensor, ...}`` (or, for ZeRO-3, possibly the bare tensor)."""
-    state = torch.load(file, weights_only=False)
+    state = safe_load(file)
     return state["param"] if isinstance(state, dict) else state

@@ -66,6 +66,24 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     return all_reduce(values) / dist.get_world_size()
 
 
+def on_rank0(work) -> None:
+    """Collective: run ``work()`` on rank 0 only; a ValueError or OSError it raises is raised on every rank
+    (same message), so all ranks stop together instead of waiting for rank 0 at the next collective."""
+    error = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            work()
+        except (ValueError, OSError) as err:
+            error = err
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        message = [str(error) if error is not None else None]
+        dist.broadcast_object_list(message, src=0)
+        if message[0] is not None and error is None:
+            raise ValueError(message[0])
+    if error is not None:
+        raise error
+
+
 def shutdown_distributed():
     """End a successful multi-rank run: all ranks meet, then exit at once.
 

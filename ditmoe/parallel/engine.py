@@ -1,6 +1,8 @@
 """Build the DeepSpeed engine around a single-device model: config, optimizer, ZeRO stage, precision."""
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -26,9 +28,10 @@ def deepspeed_config(
             f"x world_size={world_size}"
         )
     config = dict(base or {})
-    config["train_batch_size"] = global_batch_size
-    config["train_micro_batch_size_per_gpu"] = micro_batch_size
-    config["gradient_accumulation_steps"] = global_batch_size // (micro_batch_size * world_size)
+    sizes = {"train_batch_size": global_batch_size, "train_micro_batch_size_per_gpu": micro_batch_size,
+             "gradient_accumulation_steps": global_batch_size // (micro_batch_size * world_size)}
+    warn_overridden_batch_sizes(config, sizes)
+    config.update(sizes)
     config.setdefault("gradient_clipping", grad_clip)
     config.setdefault("zero_optimization", {}).setdefault("stage", zero_stage)
     config.setdefault("zero_allow_untested_optimizer", True)
@@ -41,6 +44,16 @@ def deepspeed_config(
     if uses_bf16(config):  # the overflow scan reads every gradient each step; the trainer checks its losses instead
         config["bf16"] = {"check_grad_overflow": False, **config["bf16"]}
     return config
+
+
+def warn_overridden_batch_sizes(file_config: dict, sizes: dict) -> None:
+    """Batch sizes come from the training settings (``sizes``: DeepSpeed key -> value used): warn once when a
+    config file says otherwise, naming both values."""
+    differing = [f"{key}={file_config[key]} in the file, {value} used" for key, value in sizes.items()
+                 if key in file_config and file_config[key] != value]
+    if differing and int(os.environ.get("RANK", "0")) == 0:
+        print(f"warning: --deepspeed-config batch sizes are overridden by the training settings: "
+              f"{'; '.join(differing)}", file=sys.stderr, flush=True)
 
 
 def uses_bf16(config: dict) -> bool:
@@ -59,9 +72,16 @@ def load_config_file(path: str | None) -> dict | None:
     if not file.is_file():
         raise FileNotFoundError(f"--deepspeed-config {path}: no such file")
     try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as err:
+        config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"--deepspeed-config {path}: not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"--deepspeed-config {path}: must hold a JSON object of DeepSpeed settings, "
+                         f"got {type(config).__name__}")
+    for key in ("zero_optimization", "bf16", "fp16", "checkpoint", "expert_parallel"):
+        if key in config and not isinstance(config[key], dict):
+            raise ValueError(f"--deepspeed-config {path}: {key!r} must be an object, got {config[key]!r}")
+    return config
 
 
 def build_optimizer(params, lr: float, weight_decay: float, betas: tuple[float, float],

@@ -35,6 +35,7 @@ def build_parser():
     p.add_argument("--ep-size", type=int, help=DOCS["ep_size"])
     p.add_argument("--activation-checkpointing", type=int, metavar="N", help=DOCS["activation_checkpointing"])
     p.add_argument("--resume", help=DOCS["resume"])
+    p.add_argument("--overwrite", action="store_true", default=None, help=DOCS["overwrite"])
     p.add_argument("--resume-universal", action="store_true", default=None, help=DOCS["resume_universal"])
     p.add_argument("--deepspeed-config", metavar="FILE", help=DOCS["deepspeed_config"])
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -45,7 +46,8 @@ def build_parser():
 
 FLAG_FIELDS = (
     "preset", "out", "data", "steps", "global_batch_size", "micro_batch_size", "seed", "objective", "precision",
-    "zero_stage", "ep_size", "activation_checkpointing", "resume", "resume_universal", "deepspeed_config",
+    "zero_stage", "ep_size", "activation_checkpointing", "resume", "overwrite", "resume_universal",
+    "deepspeed_config",
 )
 
 

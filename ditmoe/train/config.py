@@ -38,9 +38,11 @@ class TrainConfig:
     activation_checkpointing: int = 0  #: Recompute every n-th block in backward (0: off, 1: every block).
     compile: bool = False  #: Compile each transformer block with torch.compile (regional compilation).
     deepspeed_config: str | None = None  #: DeepSpeed JSON config file; batch sizes are filled in from these settings.
-    resume: str | None = None  #: Checkpoint to resume from: 'auto' (latest in out, if any) or a checkpoint directory.
+    resume: str | None = None  #: Checkpoint to resume from: 'auto' (newest complete one in out, if any) or a directory.
+    overwrite: bool = False  #: Start over in an out that holds a run: delete its checkpoints, metrics and events first.
     resume_universal: bool = False  #: Resume through DeepSpeed's universal checkpoint (another world or EP size).
     log_every: int = 10  #: Steps between metrics records.
+    max_nonfinite_steps: int = 3  #: Consecutive steps with a NaN/infinite loss or gradient norm that stop training.
     ckpt_every: int = 500  #: Steps between checkpoints.
     tensorboard: bool = True  #: Also write metrics as TensorBoard events.
     eval_samples: int = 1000  #: Samples of the evaluation at the end of training (digits data); 0 skips it.
@@ -48,6 +50,24 @@ class TrainConfig:
     eval_steps: int = 50  #: Sampling steps of the final evaluation.
     eval_cfg_scale: float = 1.0  #: Classifier-free guidance scale of the final evaluation.
     config_format: str = "toml"  #: Format of the resolved settings file in out: 'toml' or 'yaml' (that of --config).
+
+    def check(self) -> None:
+        """Raise a ValueError naming the first setting out of its range."""
+        for name in ("steps", "global_batch_size", "log_every", "ckpt_every", "eval_steps", "ep_size",
+                     "max_nonfinite_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("micro_batch_size", "data_workers", "lr_warmup_steps", "activation_checkpointing", "eval_samples",
+                     "lr", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be positive, got {self.grad_clip}")
+        for name in ("ema_decay", "adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
+        if self.resume is not None and self.overwrite:
+            raise ValueError("overwrite and resume exclude each other: --overwrite starts over, --resume continues")
 
     def model_config(self) -> DiTConfig:
         return apply_overrides(get_preset(self.preset), list(self.model_overrides), "model")
@@ -118,6 +138,7 @@ def apply_train_overrides(config: TrainConfig, overrides: list[str]) -> TrainCon
     config = dataclasses.replace(config, model_overrides=config.model_overrides + tuple(model_items))
     if config.config_format not in ("toml", "yaml"):
         raise ValueError(f"config_format={config.config_format!r} is not 'toml' or 'yaml'")
+    config.check()
     model = config.model_config()  # validate now: a bad override is an error before anything starts
     items = tuple(f"{key}={format_value(getattr(model, key))}" for key in overridden_keys(config))
     return dataclasses.replace(config, model_overrides=items)  # each key once, with its last value

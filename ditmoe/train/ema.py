@@ -54,6 +54,10 @@ class EMA:
             torch._foreach_mul_(self._targets, 1.0 - weight)
             torch._foreach_add_(self._targets, self._sources, alpha=weight)
 
+    def local_weights(self) -> list[torch.Tensor]:
+        """The model tensors this rank averages (its ZeRO-3 partitions, its experts)."""
+        return list(self._sources)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.shadow)
 

@@ -14,14 +14,19 @@ import torch.distributed as dist
 from .. import checkpoint
 from ..checkpoint import engine_state, universal
 from .config import TrainConfig
+from .run_dir import RunFolder
 
 
-def find_resume(config: TrainConfig, ckpt_root: Path) -> Path | None:
-    """The tag directory ``--resume`` names: the run's latest for "auto" (None if it has none)."""
+def find_resume(config: TrainConfig, run_folder: RunFolder, rank: int) -> Path | None:
+    """The tag directory ``--resume`` names: for "auto" the run's latest or newest complete one (None if it
+    has none)."""
     if config.resume is None:
         return None
     if config.resume == "auto":
-        return checkpoint.latest_tag_dir(ckpt_root)
+        tag_dir, note = run_folder.auto_resume_tag()
+        if note and rank == 0:
+            print(f"--resume auto: {note}", flush=True)
+        return tag_dir
     return checkpoint.resolve_checkpoint(config.resume)
 
 
@@ -31,10 +36,10 @@ class Resume:
     universal: bool  # another topology: through DeepSpeed's universal checkpoint
 
     @classmethod
-    def detect(cls, config: TrainConfig, ckpt_root: Path, ds_config: dict, rank: int) -> "Resume | None":
+    def detect(cls, config: TrainConfig, run_folder: RunFolder, ds_config: dict, rank: int) -> "Resume | None":
         """The resume plan of this run, or None. Collective with ``--resume-universal``: rank 0 converts
         the checkpoint while the others wait; ``ds_config`` is then set to load the universal form."""
-        tag_dir = find_resume(config, ckpt_root)
+        tag_dir = find_resume(config, run_folder, rank)
         if tag_dir is None:
             return None
         meta = checkpoint.read_meta(tag_dir)

@@ -20,16 +20,18 @@ from ..model import DiT, DiTConfig
 from ..parallel import engine as ds_engine
 from ..parallel.activation_checkpointing import apply_activation_checkpointing, checkpointed_blocks
 from ..parallel.compile import apply_compile
-from ..parallel.distributed import all_reduce, init_distributed
+from ..parallel.distributed import init_distributed, on_rank0
 from ..parallel.expert_parallel import attach_balance_loss, autoep_config, moe_param_groups, validate_ep
 from ..parallel.planner import fitting_zero_stage
 from .checkpointer import Checkpointer
 from .config import TrainConfig, write_run_config
 from .data import build_loader
+from .divergence import DivergenceGuard, check_finite_weights
 from .ema import EMA
 from .metrics import MetricsWriter, expert_load_stats
 from .preemption import PreemptionGuard
 from .resume import Resume
+from .run_dir import RunFolder
 from .step_metrics import StepMetrics
 
 
@@ -45,11 +47,6 @@ def model_fn(engine, dtype: torch.dtype, drop_labels: torch.Tensor | None = None
         return engine(x.to(dtype), t, y, drop_labels).float()
 
     return call
-
-
-class TrainingDiverged(ValueError):
-    """Non-finite losses: the weights are no longer trustworthy, so training stops without a checkpoint
-    (a ValueError: the command line reports it as ``error: ...`` and exits 1)."""
 
 
 def set_lr(optimizer, config: TrainConfig, step: int):
@@ -102,26 +99,29 @@ class Trainer:
         self.is_rank0 = self.rank == 0  # writes config, metrics, EMA and meta files, prints
         self.out = Path(config.out)
         self.model_config = config.model_config()
-        if self.is_rank0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            write_run_config(config, self.out)
+        self.run_folder = RunFolder(self.out)
+        on_rank0(self._claim_run_folder)  # one training per folder, never silently over an earlier run
         self.ds_config = build_deepspeed_config(config, self.model_config, self.world)
         self.accumulation = self.ds_config["gradient_accumulation_steps"]
         self.zero_stage = self.ds_config["zero_optimization"]["stage"]
         self.loader = build_loader(config, self.model_config, self.rank, self.world)
-        ckpt_root = self.out / "checkpoints"
-        resume = Resume.detect(config, ckpt_root, self.ds_config, self.rank)
+        resume = Resume.detect(config, self.run_folder, self.ds_config, self.rank)
         self._build_engine()
         self.step = 0 if resume is None else resume.restore(self.engine, self.ema, self.loader, self.rank)
         self.moe_layers = self.engine.module.moe_layers()
         self.moe_blocks = [i for i in range(self.model_config.depth) if self.model_config.moe_in_block(i)]
-        self.writer = MetricsWriter(self.out, config.tensorboard) if self.is_rank0 else None
-        self.checkpointer = Checkpointer(config, ckpt_root, rank=self.rank, world_size=self.world,
+        self.writer = MetricsWriter(self.out, config.tensorboard, resume_step=self.step) if self.is_rank0 else None
+        self.checkpointer = Checkpointer(config, self.run_folder.ckpt_root, rank=self.rank, world_size=self.world,
                                          zero_stage=self.zero_stage, guard=PreemptionGuard(),
-                                         verify=self.check_finite)
+                                         verify=self.check_saveable)
         self.window_start, self.window_samples = time.perf_counter(), 0  # throughput since the last log
-        self.nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)  # non-finite losses since last check
-        self.checked_step = self.step  # the last step whose losses were checked to be finite
+        self.divergence = DivergenceGuard(config.max_nonfinite_steps, self.device, self.step)
+
+    def _claim_run_folder(self):
+        """Rank 0: lock the run folder, refuse (or with --overwrite clear) an earlier run, write the config."""
+        self.run_folder.lock()
+        self.run_folder.prepare(resume=self.config.resume, overwrite=self.config.overwrite)
+        write_run_config(self.config, self.out)
 
     def _build_engine(self):
         """Model (same initial weights on every rank), objective, optimizer, DeepSpeed engine, EMA."""
@@ -146,16 +146,19 @@ class Trainer:
         """Train to ``config.steps`` (or a preemption); returns the last logged record (rank 0's view)."""
         record = {}
         batches = iter(self.loader)
-        while self.step < self.config.steps:
-            x_local, y_local = next(batches)  # entries rank, rank + W, ... of the global batch
-            metrics = self.train_step(x_local, y_local)
-            if self.is_log_step(self.step):
-                record = self.log_step(metrics)
-            if self.checkpointer.after_step(self.step, self.engine, self.ema, self.loader):
-                break
-        self.checkpointer.guard.close()
-        if self.is_rank0:
-            self.writer.close()
+        try:
+            while self.step < self.config.steps:
+                x_local, y_local = next(batches)  # entries rank, rank + W, ... of the global batch
+                metrics = self.train_step(x_local, y_local)
+                if self.is_log_step(self.step):
+                    record = self.log_step(metrics)
+                if self.checkpointer.after_step(self.step, self.engine, self.ema, self.loader):
+                    break
+        finally:
+            self.checkpointer.guard.close()
+            if self.is_rank0:
+                self.writer.close()
+            self.run_folder.unlock()
         return {**record, "preempted": self.step < self.config.steps}
 
     def is_log_step(self, step: int) -> bool:
@@ -176,8 +179,8 @@ class Trainer:
             if last and self.zero_stage == 0 and self.is_log_step(self.step + 1):
                 metrics.grad_norm = parameter_grad_norm(self.engine.module)  # before engine.step() clears them
             self.engine.step()  # DeepSpeed steps the optimizer after the last micro-batch only
+        self.divergence.record(metrics.nonfinite_losses, self.engine.get_global_grad_norm(), self.engine.skipped_steps)
         self.ema.update(self.step)
-        self.nonfinite += metrics.nonfinite_losses
         self.step += 1
         self.window_samples += self.config.global_batch_size
         return metrics
@@ -197,27 +200,24 @@ class Trainer:
         metrics.add(loss=loss, mse=losses["mse"].mean(), vb=losses["vb"].mean(), balance_loss=balance,
                     expert_counts=[layer.expert_counts for layer in self.moe_layers])
 
-    def check_finite(self):
-        """Reads the device: raise ``TrainingDiverged`` if a loss since the last check was NaN or infinite."""
-        bad = int(all_reduce(self.nonfinite).item())
-        if bad:
-            raise TrainingDiverged(f"{bad} micro-batch loss(es) were NaN or infinite in steps "
-                                   f"{self.checked_step + 1}..{self.step}: training stopped, no checkpoint written "
-                                   f"for them; resume from an earlier checkpoint with a lower lr")
-        self.nonfinite.zero_()
-        self.checked_step = self.step
+    def check_saveable(self):
+        """Collective, before every checkpoint: raise ``TrainingDiverged`` after too many bad steps in a row, or
+        when a weight or EMA tensor is not finite (a checkpoint of such a state would replace a good one)."""
+        self.divergence.check(self.step)
+        check_finite_weights(self.ema.local_weights() + list(self.ema.state_dict().values()), self.step)
 
     def log_step(self, metrics: StepMetrics) -> dict:
         """Collective, reads the device: this step's record (losses averaged over ranks, expert loads summed),
-        written by rank 0; stops with ``TrainingDiverged`` after a non-finite loss."""
-        self.check_finite()
+        written by rank 0; stops with ``TrainingDiverged`` after ``max_nonfinite_steps`` bad steps in a row."""
+        bad_steps = self.divergence.check(self.step)
         losses, loads = metrics.reduce()
         norm = metrics.grad_norm if metrics.grad_norm is not None else self.engine.get_global_grad_norm()
         grad_norm = float(norm)
         elapsed = time.perf_counter() - self.window_start
         record = {
             "step": self.step, **losses, "grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"],
-            "samples_per_s": self.window_samples / elapsed, **expert_load_stats(loads.tolist(), self.moe_blocks),
+            "samples_per_s": self.window_samples / elapsed, "nonfinite_steps": bad_steps,
+            **expert_load_stats(loads.tolist(), self.moe_blocks),
         }
         if self.device.type == "cuda":
             record["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30

@@ -13,6 +13,7 @@ PAIRS = {
     "zero2-ep2-2ranks-to-1process": ((2, 2, 2), (2, 1, 1)),
     "zero2-1process-to-ep2-2ranks": ((2, 1, 1), (2, 2, 2)),
     "zero3-ep2-2ranks-to-1process": ((3, 2, 2), (3, 1, 1)),
+    "zero3-2ranks-to-1process": ((3, 1, 2), (3, 1, 1)),  # flat ZeRO-3 tensors, shaped for the expert renames
 }
 
 

@@ -1,5 +1,9 @@
 """The training command rejects bad input before doing any work, naming the option."""
 
+import json
+
+import pytest
+
 from conftest import SMALL_DIGITS, run_cli
 
 
@@ -45,6 +49,56 @@ def test_divergence_stops_training_without_a_checkpoint(tmp_path):
     proc = run_cli(["-m", "ditmoe.train", *SMALL_DIGITS, "--steps", "6", "--set", "lr=1e12", "--set", "ckpt_every=3",
                     "--out", str(out)], check=False, env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "error: " in proc.stderr and "NaN or infinite in steps" in proc.stderr, proc.stderr
+    assert "error: " in proc.stderr and "NaN or infinite" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
     assert not list((out / "checkpoints").glob("step_*"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--global-batch-size", "0"], "global_batch_size must be at least 1, got 0"),
+    (["--set", "log_every=0"], "log_every must be at least 1, got 0"),
+    (["--set", "ckpt_every=0"], "ckpt_every must be at least 1, got 0"),
+    (["--steps", "0"], "steps must be at least 1, got 0"),
+    (["--steps", "-3"], "steps must be at least 1, got -3"),
+    (["--set", "max_nonfinite_steps=0"], "max_nonfinite_steps must be at least 1, got 0"),
+    (["--set", "ema_decay=1.5"], "ema_decay must be between 0 and 1, got 1.5"),
+])
+def test_out_of_range_settings_are_usage_errors_before_any_work(tmp_path, args, message):
+    """Today these crashed after a step had trained (log_every=0), or exited 0 doing nothing (steps 0)."""
+    out = tmp_path / "run"
+    proc = run_cli(["-m", "ditmoe.train", *SMALL_DIGITS, *args, "--out", str(out)], check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_deepspeed_config_that_is_not_an_object(tmp_path):
+    config = tmp_path / "ds.json"
+    config.write_text("[1, 2]")
+    fails_with([*SMALL_DIGITS, "--deepspeed-config", str(config), "--out", str(tmp_path / "run")],
+               f"--deepspeed-config {config}: must hold a JSON object of DeepSpeed settings, got list")
+    config.write_text('{"zero_optimization": 2}')
+    fails_with([*SMALL_DIGITS, "--deepspeed-config", str(config), "--out", str(tmp_path / "run")],
+               "'zero_optimization' must be an object, got 2")
+
+
+def test_contradictory_batch_sizes_in_a_deepspeed_config_warn_once(tmp_path):
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"train_batch_size": 999, "train_micro_batch_size_per_gpu": 16}))
+    proc = run_cli(["-m", "ditmoe.train", *SMALL_DIGITS, "--steps", "1", "--deepspeed-config", str(config),
+                    "--out", str(tmp_path / "run")])
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: --deepspeed-config")]
+    assert warnings == ["warning: --deepspeed-config batch sizes are overridden by the training settings: "
+                        "train_batch_size=999 in the file, 16 used"], proc.stderr
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("model.num_heads=0", "num_heads must be positive, got 0"),
+    ("model.patch_size=0", "patch_size must be positive, got 0"),
+    ("model.hidden_size=-8", "hidden_size must be positive, got -8"),
+])
+def test_model_sizes_out_of_range_are_usage_errors(tmp_path, setting, message):
+    """Before, a zero size divided by zero (a traceback) when the model config was built."""
+    proc = run_cli(["-m", "ditmoe.train", *SMALL_DIGITS, "--set", setting, "--out", str(tmp_path / "run")],
+                   check=False)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
