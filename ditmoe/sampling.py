@@ -4,14 +4,18 @@ from collections.abc import Iterable
 
 import torch
 
+from .model.conditioning import Condition, condition_to, index_condition
+from .model.conditioning import batch_size as batch_size_of
+
 
 @torch.no_grad()
-def generate(model, objective, labels: torch.Tensor, *, cfg_scale: float = 1.0, sampler: str | None = None,
+def generate(model, objective, labels: Condition, *, cfg_scale: float = 1.0, sampler: str | None = None,
              steps: int | None = None, batch_size: int = 250, seed: int = 0, guide_channels: int | None = None,
              progress: bool = False, batches: Iterable[int] | None = None) -> torch.Tensor:
-    """Latents (n, C, H, W) for ``labels`` (N,), cut into batches of ``batch_size``: all of them, or only the
-    batch indices ``batches``, concatenated in that order. Batch b holds ``labels[b * batch_size:][:batch_size]``
-    and starts from noise seeded by ``seed + b``, so it comes out the same whichever batches are generated."""
+    """Latents (n, C, H, W) for ``labels`` (N,) or a Caption of N prompts, cut into batches of ``batch_size``:
+    all of them, or only the batch indices ``batches``, concatenated in that order. Batch b holds
+    ``labels[b * batch_size:][:batch_size]`` and starts from noise seeded by ``seed + b``, so it comes out
+    the same whichever batches are generated."""
     cfg = model.config
     device = next(model.parameters()).device
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
@@ -20,13 +24,13 @@ def generate(model, objective, labels: torch.Tensor, *, cfg_scale: float = 1.0, 
     if sampler is not None:
         kwargs["sampler"] = sampler
     if batches is None:
-        batches = range(num_batches(len(labels), batch_size))
+        batches = range(num_batches(batch_size_of(labels), batch_size))
     outputs = []
     for b in batches:
-        y = labels[b * batch_size:(b + 1) * batch_size]
+        y = index_condition(labels, slice(b * batch_size, (b + 1) * batch_size))
         torch.manual_seed(seed + b)
-        noise = torch.randn((len(y), *shape), device=device)
-        outputs.append(objective.sample(model, noise, y.to(device), **kwargs).cpu())
+        noise = torch.randn((batch_size_of(y), *shape), device=device)
+        outputs.append(objective.sample(model, noise, condition_to(y, device), **kwargs).cpu())
     return torch.cat(outputs)
 
 

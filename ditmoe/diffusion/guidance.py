@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..model.conditioning import Caption, cat_conditions
+
 Model = Callable[[Tensor, Tensor, Tensor], Tensor]  # model(x, t, y) -> output
 
 
@@ -14,7 +16,9 @@ class ClassifierFreeGuidance:
     """Callable ``(x, t, y) -> output`` that mixes conditional and unconditional predictions.
 
     Both predictions come from one doubled batch ``[x; x]`` with labels ``[y; null_label]``
-    (the null label is ``num_classes``, the extra row of the label embedding). The first
+    (the null label is ``num_classes``, the extra row of the label embedding); for a caption ``y``
+    (text-conditioned models) with ``[y; y]`` and the second half dropped to the model's learned null
+    caption (``model(x, t, y, drop)``). The first
     ``guide_channels`` output channels become ``uncond + scale * (cond - uncond)``; every other
     channel (e.g. the learned-sigma half) is taken from the conditional half.
 
@@ -36,8 +40,12 @@ class ClassifierFreeGuidance:
         if self.scale == 1.0:
             return self.model(x, t, y)
         n = x.shape[0]
-        null = torch.full_like(y, self.null_label)
-        out = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))  # (2N, C_out, H, W)
+        if isinstance(y, Caption):
+            drop = torch.arange(2 * n, device=x.device) >= n  # the second half gets the null caption
+            out = self.model(torch.cat([x, x]), torch.cat([t, t]), cat_conditions([y, y]), drop)
+        else:
+            null = torch.full_like(y, self.null_label)
+            out = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))  # (2N, C_out, H, W)
         cond, uncond = out[:n], out[n:]
         g = x.shape[1] if self.guide_channels is None else self.guide_channels
         if g > out.shape[1]:

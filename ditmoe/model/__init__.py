@@ -1,10 +1,11 @@
 """Single-device DiT / DiT-MoE model code (no DeepSpeed here; parallelism lives in ditmoe.parallel)."""
 
+from .conditioning import Caption
 from .config import DiTConfig
 from .dit import DiT
 from .presets import PRESETS, get_preset
 
-__all__ = ["DiT", "DiTConfig", "PRESETS", "get_preset", "build_model"]
+__all__ = ["Caption", "DiT", "DiTConfig", "PRESETS", "get_preset", "build_model"]
 
 
 def build_model(config: DiTConfig | str) -> DiT:

@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 ROUTINGS = ("token_choice", "expert_choice")
 MOE_PLACEMENTS = ("all", "every_other", "deep_half")
+EXPERT_ACTIVATIONS = ("swiglu", "gelu")
 
 
 @dataclass(frozen=True)
@@ -12,6 +13,8 @@ class DiTConfig:
     """Every architecture and MoE hyper-parameter of a DiT(-MoE) model.
 
     ``num_experts == 0`` gives the dense DiT (GELU MLP of width ``mlp_ratio * hidden_size``).
+    ``text_dim > 0`` gives a text-conditioned DiT (EC-DiT / PixArt-α blocks: self-attention, cross-attention
+    to the caption tokens, feed-forward); it has no label embedder and ``num_classes`` is unused.
     """
 
     input_size: int = 32  #: Latent height = width.
@@ -21,10 +24,16 @@ class DiTConfig:
     depth: int = 28  #: Number of transformer blocks.
     num_heads: int = 16  #: Attention heads; divides hidden_size.
     mlp_ratio: float = 4.0  #: Dense MLP width / hidden_size.
-    num_classes: int = 1000  #: Class labels (plus a null class for guidance when class_dropout_prob > 0).
-    class_dropout_prob: float = 0.1  #: Probability of training on the null class instead of the label.
+    num_classes: int = 1000  #: Class labels (plus a null class when class_dropout_prob > 0); unused with text.
+    class_dropout_prob: float = 0.1  #: Probability of training on the null class / null caption.
     learn_sigma: bool = True  #: Also predict the variance: out_channels = 2 * in_channels.
     qk_norm: bool = False  #: Per-head LayerNorm on queries and keys (official XL/G checkpoints).
+    num_kv_heads: int = 0  #: Key/value heads of grouped-query attention (0: same as num_heads); divides num_heads.
+
+    # Text conditioning (EC-DiT).
+    text_dim: int = 0  #: Width of the text encoder's token embeddings (0: class-conditional model).
+    text_len: int = 0  #: Caption tokens: the text encoder's max length, captions are padded to it (0 without text).
+    pooled_text: bool = False  #: Add an MLP of the masked mean of the caption tokens to the adaLN input.
 
     # Mixture of experts.
     num_experts: int = 0  #: Routed experts per MoE layer (0: dense DiT).
@@ -32,9 +41,10 @@ class DiTConfig:
     routing: str = "token_choice"  #: 'token_choice' (tokens pick top_k experts) or 'expert_choice' (experts pick).
     capacity_factor: float = 2.0  #: Expert choice: each expert takes capacity_factor * T / E tokens.
     norm_topk_prob: bool = False  #: Token choice: renormalise the k routing weights to sum to 1.
-    expert_ratio: float = 4.0  #: Expert SwiGLU width / hidden_size.
-    num_shared_experts: int = 2  #: Shared experts, each a SwiGLU of width shared_expert_ratio * hidden_size.
-    shared_expert_ratio: float = 1.0  #: Shared expert SwiGLU width / hidden_size.
+    expert_ratio: float = 4.0  #: Expert hidden width / hidden_size.
+    expert_activation: str = "swiglu"  #: Routed and shared experts: 'swiglu' (DiT-MoE) or 'gelu' (EC-DiT's GELU FFNs).
+    num_shared_experts: int = 2  #: Shared experts, each an FFN of width shared_expert_ratio * hidden_size.
+    shared_expert_ratio: float = 1.0  #: Shared expert hidden width / hidden_size.
     moe_placement: str = "all"  #: MoE blocks: 'all', 'every_other' (odd blocks) or 'deep_half' (the second half).
     balance_loss_alpha: float = 0.005  #: Token choice: weight of the load-balancing auxiliary loss (training only).
 
@@ -54,6 +64,26 @@ class DiTConfig:
             raise ValueError(f"top_k={self.top_k} must be between 1 and num_experts={self.num_experts}")
         if self.num_experts and self.routing == "expert_choice" and self.capacity_factor <= 0:
             raise ValueError(f"capacity_factor={self.capacity_factor} must be > 0")
+        if self.expert_activation not in EXPERT_ACTIVATIONS:
+            raise ValueError(f"expert_activation={self.expert_activation!r} is not one of {EXPERT_ACTIVATIONS}")
+        self._check_attention_heads()
+        self._check_text()
+
+    def _check_attention_heads(self):
+        if self.num_kv_heads < 0 or (self.num_kv_heads and self.num_heads % self.num_kv_heads):
+            raise ValueError(f"num_kv_heads={self.num_kv_heads} must be 0 (same as num_heads) or divide "
+                             f"num_heads={self.num_heads}")
+
+    def _check_text(self):
+        """text_dim and text_len are both set (text model) or both 0 (class model); pooled_text needs text."""
+        for name in ("text_dim", "text_len"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if (self.text_dim > 0) != (self.text_len > 0):
+            raise ValueError(f"text_len={self.text_len} and text_dim={self.text_dim} must both be > 0 "
+                             f"(text-conditioned model) or both 0 (class-conditional model)")
+        if self.pooled_text and not self.text_dim:
+            raise ValueError("pooled_text=True needs a text-conditioned model (text_dim > 0)")
 
     def _check_sizes(self):
         """Sizes must be positive (experts and shared experts may be 0), before anything divides by them."""
@@ -74,6 +104,20 @@ class DiTConfig:
         return self.num_experts > 0
 
     @property
+    def is_text(self) -> bool:
+        """Text-conditioned (captions) rather than class-conditional (labels)."""
+        return self.text_dim > 0
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads of the attention layers (num_kv_heads, or num_heads when 0)."""
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
     def out_channels(self) -> int:
         return 2 * self.in_channels if self.learn_sigma else self.in_channels
 
@@ -82,12 +126,17 @@ class DiTConfig:
         return (self.input_size // self.patch_size) ** 2
 
     @property
+    def expert_matrices(self) -> int:
+        """(D, F) weight matrices per expert: 3 for SwiGLU (gate, up, down), 2 for GELU (up, down)."""
+        return 3 if self.expert_activation == "swiglu" else 2
+
+    @property
     def expert_hidden(self) -> int:
         return int(self.expert_ratio * self.hidden_size)
 
     @property
     def shared_hidden(self) -> int:
-        """Width of the fused shared-expert SwiGLU (sum of all shared experts)."""
+        """Width of the fused shared-expert FFN (sum of all shared experts)."""
         return int(self.num_shared_experts * self.shared_expert_ratio * self.hidden_size)
 
     def moe_in_block(self, index: int) -> bool:
@@ -105,6 +154,7 @@ class DiTConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "DiTConfig":
+        """Config of a ``to_dict`` dict; keys added since it was written take their defaults."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -1,4 +1,5 @@
-"""Feed-forward layers: DiT's dense GELU MLP and the SwiGLU used by shared experts."""
+"""Feed-forward layers: DiT's dense GELU MLP (also EC-DiT's shared experts, without biases) and the SwiGLU
+used by DiT-MoE's shared experts."""
 
 import torch
 import torch.nn.functional as F
@@ -6,12 +7,12 @@ from torch import nn
 
 
 class GeluMLP(nn.Module):
-    """Dense DiT feed-forward: Linear -> GELU(tanh) -> Linear, with biases."""
+    """Dense DiT feed-forward: ``fc1`` Linear -> GELU(tanh) -> ``fc2`` Linear, with biases unless ``bias=False``."""
 
-    def __init__(self, hidden_size: int, mlp_hidden: int):
+    def __init__(self, hidden_size: int, mlp_hidden: int, bias: bool = True):
         super().__init__()
-        self.fc1 = nn.Linear(hidden_size, mlp_hidden)
-        self.fc2 = nn.Linear(mlp_hidden, hidden_size)
+        self.fc1 = nn.Linear(hidden_size, mlp_hidden, bias=bias)
+        self.fc2 = nn.Linear(mlp_hidden, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))

@@ -3,6 +3,11 @@
 Layout (DeepSpeed AutoEP detects it): router ``gate = nn.Linear(D, E, bias=False)``; ``experts`` holding
 fused SwiGLU weights ``gate_up_proj (E, 2F, D)`` (gate rows first, then up) and ``down_proj (E, D, F)``;
 ``shared_experts``, a SwiGLU every token goes through.
+
+With ``expert_activation="gelu"`` (EC-DiT) each expert is Linear(D, F) -> GELU(tanh) -> Linear(F, D) without
+biases: ``experts.up_proj (E, F, D)`` and ``experts.down_proj (E, D, F)``, and the shared experts are a
+bias-free :class:`GeluMLP` (``shared_experts.fc1``/``fc2``). (AutoEP's converters expect ``gate_up_proj``:
+they handle only the SwiGLU layout.)
 """
 
 import math
@@ -10,30 +15,43 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .config import DiTConfig
 from .grouped_gemm import grouped_linear, swiglu
-from .mlp import SwiGLU
+from .mlp import GeluMLP, SwiGLU
 from .routing import Routing, expert_capacity, expert_choice, token_choice
 
 
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts applied to tokens already sorted by expert (contiguous slices)."""
+    """E experts applied to tokens already sorted by expert (contiguous slices): SwiGLU (``gate_up_proj``,
+    ``down_proj``) or, with ``activation="gelu"``, GELU FFNs (``up_proj``, ``down_proj``); no biases."""
 
-    def __init__(self, num_experts: int, hidden_size: int, ffn_hidden: int):
+    def __init__(self, num_experts: int, hidden_size: int, ffn_hidden: int, activation: str = "swiglu"):
         super().__init__()
         self.num_experts = num_experts
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * ffn_hidden, hidden_size))
+        self.activation = activation
+        if activation == "swiglu":
+            self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * ffn_hidden, hidden_size))
+        elif activation == "gelu":
+            self.up_proj = nn.Parameter(torch.empty(num_experts, ffn_hidden, hidden_size))
+        else:
+            raise ValueError(f"expert_activation={activation!r} is not 'swiglu' or 'gelu'")
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_hidden))
         self.reset_parameters()
+
+    @property
+    def in_proj(self) -> nn.Parameter:
+        """The input projection: ``gate_up_proj`` (E, 2F, D) for SwiGLU, ``up_proj`` (E, F, D) for GELU."""
+        return self.gate_up_proj if self.activation == "swiglu" else self.up_proj
 
     def reset_parameters(self):
         """Xavier-uniform per expert and per projection, like separate nn.Linear layers in DiT."""
         ffn, hidden = self.down_proj.shape[2], self.down_proj.shape[1]
         bound = math.sqrt(6.0 / (ffn + hidden))
-        nn.init.uniform_(self.gate_up_proj, -bound, bound)
+        nn.init.uniform_(self.in_proj, -bound, bound)
         nn.init.uniform_(self.down_proj, -bound, bound)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -42,7 +60,10 @@ class GroupedExperts(nn.Module):
         One grouped GEMM per projection in every dtype: no per-expert launches, no host synchronisation.
         """
         offsets = torch.cumsum(counts, 0).to(torch.int32)  # (E,) end of each expert's rows
-        hidden = swiglu(grouped_linear(x, self.gate_up_proj, offsets))  # (A, 2F) -> (A, F)
+        if self.activation == "swiglu":
+            hidden = swiglu(grouped_linear(x, self.gate_up_proj, offsets))  # (A, 2F) -> (A, F)
+        else:
+            hidden = F.gelu(grouped_linear(x, self.up_proj, offsets), approximate="tanh")  # (A, F)
         return grouped_linear(hidden, self.down_proj, offsets)  # (A, D)
 
 
@@ -59,8 +80,17 @@ def dispatch(x: torch.Tensor, routing: Routing, experts: GroupedExperts) -> torc
     return torch.zeros_like(x).index_add_(0, token, out)
 
 
+def build_shared_experts(config: DiTConfig) -> nn.Module | None:
+    """The fused shared experts (width ``config.shared_hidden``) in the experts' activation, or None."""
+    if not config.shared_hidden:
+        return None
+    if config.expert_activation == "gelu":
+        return GeluMLP(config.hidden_size, config.shared_hidden, bias=False)
+    return SwiGLU(config.hidden_size, config.shared_hidden)
+
+
 class MoEFeedForward(nn.Module):
-    """Routed SwiGLU experts plus shared experts; keeps the last forward's balance loss and expert load."""
+    """Routed experts plus shared experts; keeps the last forward's balance loss and expert load."""
 
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -72,8 +102,8 @@ class MoEFeedForward(nn.Module):
         self.capacity_factor = config.capacity_factor
         self.alpha = config.balance_loss_alpha
         self.gate = nn.Linear(d, config.num_experts, bias=False)
-        self.experts = GroupedExperts(config.num_experts, d, config.expert_hidden)
-        self.shared_experts = SwiGLU(d, config.shared_hidden) if config.shared_hidden else None
+        self.experts = GroupedExperts(config.num_experts, d, config.expert_hidden, config.expert_activation)
+        self.shared_experts = build_shared_experts(config)
         self.aux_loss: torch.Tensor | None = None
         self.expert_counts: torch.Tensor | None = None
         self._routing_hooks: OrderedDict[int, Callable] = OrderedDict()

@@ -17,6 +17,7 @@ import torch
 
 from ..diffusion import build_objective
 from ..model import DiT, DiTConfig
+from ..model.conditioning import Caption, Condition, condition_to, index_condition
 from ..parallel import engine as ds_engine
 from ..parallel.activation_checkpointing import apply_activation_checkpointing, checkpointed_blocks
 from ..parallel.compile import apply_compile
@@ -44,6 +45,8 @@ def model_fn(engine, dtype: torch.dtype, drop_labels: torch.Tensor | None = None
     """model(x, t, y) on the engine with inputs cast to its dtype, the given label dropout and fp32 outputs."""
 
     def call(x, t, y):
+        if isinstance(y, Caption):  # caption embeddings in the model's dtype too
+            y = Caption(y.tokens.to(dtype), y.mask)
         return engine(x.to(dtype), t, y, drop_labels).float()
 
     return call
@@ -164,16 +167,16 @@ class Trainer:
     def is_log_step(self, step: int) -> bool:
         return step % self.config.log_every == 0 or step == self.config.steps
 
-    def train_step(self, x_local: torch.Tensor, y_local: torch.Tensor) -> StepMetrics:
+    def train_step(self, x_local: torch.Tensor, y_local: Condition) -> StepMetrics:
         """One optimizer step on this rank's part of the global batch; returns its metrics (on the device)."""
         metrics = StepMetrics(len(self.moe_layers), self.model_config.num_experts, self.device)
         set_lr(self.optimizer, self.config, self.step)
         x_local = x_local.to(self.device, non_blocking=True)  # pinned by the loader on GPU
-        y_local = y_local.to(self.device, non_blocking=True)
+        y_local = condition_to(y_local, self.device, non_blocking=True)  # labels, or a caption
         for a in range(self.accumulation):
             # micro-batch j = rank + a·W of the global batch g is g[j::G/m], i.e. x_local[a::accumulation]:
             # the same samples whatever the world size
-            x, y = x_local[a::self.accumulation], y_local[a::self.accumulation]
+            x, y = x_local[a::self.accumulation], index_condition(y_local, slice(a, None, self.accumulation))
             self.forward_backward_step(x, y, self.rank + a * self.world, metrics)
             last = a == self.accumulation - 1
             if last and self.zero_stage == 0 and self.is_log_step(self.step + 1):
@@ -185,13 +188,13 @@ class Trainer:
         self.window_samples += self.config.global_batch_size
         return metrics
 
-    def forward_backward_step(self, x: torch.Tensor, y: torch.Tensor, micro_index: int, metrics: StepMetrics):
+    def forward_backward_step(self, x: torch.Tensor, y: Condition, micro_index: int, metrics: StepMetrics):
         """Loss and gradients of micro-batch ``micro_index`` of the global batch, added to ``metrics``.
 
         Its timesteps, noise and label dropout come from its own generator: the same on any world size.
         """
         generator = torch.Generator(self.device).manual_seed(micro_batch_seed(self.config.seed, self.step, micro_index))
-        drop = torch.rand(len(y), device=self.device, generator=generator) < self.model_config.class_dropout_prob
+        drop = torch.rand(len(x), device=self.device, generator=generator) < self.model_config.class_dropout_prob
         forward = model_fn(self.engine, self.dtype, drop)
         losses = self.objective.training_losses(forward, x, y, generator=generator)
         balance = self.engine.module.balance_loss().float()

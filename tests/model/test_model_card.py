@@ -57,6 +57,15 @@ def test_model_card_cli_json():
     assert card["config"]["num_experts"] == 8
 
 
+def test_model_card_cli_text_preset_lists_the_encoder_apart():
+    out = subprocess.run([sys.executable, "tools/model_card.py", "--preset", "EC-DiT-XL-8E", "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    card = json.loads(out)
+    assert card["text_encoder"] == "T5-v1.1-XXL encoder, 4.76B parameters"
+    assert card["text_tokens"] == 120 and card["config"]["text_dim"] == 4096
+    assert card["params_total_M"] < card["text_encoder_params_M"]  # the encoder is not in the model's total
+
+
 def test_model_card_cli_unknown_preset():
     res = subprocess.run([sys.executable, "tools/model_card.py", "--preset", "DiT-MoE-Q/2"], capture_output=True,
                          text=True)
