@@ -2,11 +2,16 @@
 
     python tools/sample.py --ckpt runs/demo --out samples.npz --num-samples 1000 \\
         [--cfg-scale 1.5] [--sampler ddpm|ddim|dpm_solver++] [--steps 50] [--grid grid.png] [--seed 0]
+    python tools/sample.py --ckpt runs/demo-t2i --out t2i.npz --num-samples 16 --prompt "the digit 7" \
+        [--prompt ...] [--prompts FILE] [--text-encoder PATH --text-max-length N]
     torchrun --nproc_per_node 8 tools/sample.py --ckpt runs/demo --out samples.npz --num-samples 50000 ...
 
 Writes ``arr_0`` (N, H, W, C) uint8 images and ``arr_1`` (N,) int64 class labels (classes cycle
-0..K-1). Uses EMA weights unless ``--weights model``. The models of the embedded digits demo work
-directly in pixel space, so their samples are the images.
+0..K-1). Text-conditioned models (EC-DiT) take ``--prompt TEXT`` (repeatable) and/or ``--prompts FILE``;
+samples cycle through the prompts, ``arr_1`` holds each sample's prompt index and ``prompts`` the prompts;
+classifier-free guidance (``--cfg-scale``) is against the model's learned null caption; the grid has one
+row per prompt, the prompt written beside it. Uses EMA weights unless ``--weights model``. The models of
+the embedded digits demos work directly in pixel space, so their samples are the images.
 
 Samples come in batches of ``--batch-size``; batch b starts from noise seeded by ``--seed`` + b. Under
 torchrun (or srun) each rank samples a contiguous share of the batches on ``cuda:LOCAL_RANK`` (or the CPU) into
@@ -41,6 +46,13 @@ def build_parser():
     p.add_argument("--batch-size", action=Positive, default=250, help="samples per batch; ranks sample whole batches")
     p.add_argument("--grid", help="also write a PNG grid (one row per class, up to 10 per row)")
     p.add_argument("--seed", type=int, default=0, help="batch b starts from noise seeded by SEED + b")
+    p.add_argument("--prompt", dest="prompts", action="append", default=[], metavar="TEXT",
+                   help="text-conditioned models: a prompt (repeatable); samples cycle through the prompts")
+    p.add_argument("--prompts", dest="prompts_file", metavar="FILE",
+                   help="text-conditioned models: a file of prompts, one per line (after any --prompt)")
+    p.add_argument("--text-encoder", metavar="PATH_OR_ID",
+                   help="text encoder for the prompts (default: the one the checkpoint's data was embedded with)")
+    p.add_argument("--text-max-length", action=Positive, help="caption tokens (default: the checkpoint's)")
     return p
 
 
@@ -51,7 +63,7 @@ def parse_args(argv=None) -> SampleSettings:
         p.error(f"--out {args.out} must end in .npz")
     if not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
         p.error(f"--cfg-scale must be a number >= 0 (1: no guidance), got {args.cfg_scale}")
-    return SampleSettings(**vars(args))
+    return SampleSettings(**{**vars(args), "prompts": tuple(args.prompts)})
 
 
 def main(argv=None):

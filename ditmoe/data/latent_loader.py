@@ -16,6 +16,10 @@ Workers: batch ``t`` (counted across epochs) is built by worker ``t mod num_work
 
 Pinning: with CUDA available, batches come in pinned (page-locked) host memory, so the trainer's
 copies to the GPU with ``non_blocking=True`` do not wait for the device.
+
+Captions: a dataset with captions (see ``latent_format``) gives ``(x, Caption)`` batches instead of
+``(x, labels)``: the stored float16 token embeddings as float32 ``(B, L, D)`` and the mask
+``arange(L) < length`` ``(B, L)`` bool. The order and the noise are the same as without captions.
 """
 
 import hashlib
@@ -26,12 +30,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .latent_format import RecordReader, check_shard_records, read_manifest, verify_shards
+from ..model.conditioning import Caption
+from .latent_format import RecordReader, check_shard_records, manifest_text_shape, read_manifest, verify_shards
 
 
 def _pinned(batch):
     x, y = batch
-    return x.pin_memory(), y.pin_memory()
+    y = Caption(y.tokens.pin_memory(), y.mask.pin_memory()) if isinstance(y, Caption) else y.pin_memory()
+    return x.pin_memory(), y
 
 
 def _sample_seed(seed, epoch, index):
@@ -47,7 +53,8 @@ class _Batches(IterableDataset):
         self.starts = np.cumsum([0] + [s["num_samples"] for s in manifest["shards"]])
         c, h, w = manifest["latent_shape"]
         self.shape = (2 if manifest["flip"] else 1, 2, c, h, w)  # (V, mean/std, C, H, W)
-        self.parse = RecordReader(self.shape)
+        self.text_shape = manifest_text_shape(manifest)  # (L, D), or None without captions
+        self.parse = RecordReader(self.shape, self.text_shape)
         self.scaling_factor = float(manifest["scaling_factor"])
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.per_rank = manifest["num_samples"] // world_size
@@ -88,20 +95,30 @@ class _Batches(IterableDataset):
         chosen = np.empty((len(indices), *self.shape[1:]), dtype=np.float16)  # (B, 2, C, H, W)
         labels = np.empty(len(indices), dtype=np.int64)
         eps = torch.empty(len(indices), *self.shape[2:])  # (B, C, H, W)
+        if self.text_shape is not None:
+            tokens = np.empty((len(indices), *self.text_shape), dtype=np.float16)  # (B, L, D)
+            lengths = np.empty(len(indices), dtype=np.int64)
         gen = torch.Generator()
         for k, index in enumerate(indices):
-            _, labels[k], latent = self.read(index)
+            _, labels[k], latent, *caption = self.read(index)
+            if caption:
+                tokens[k], lengths[k] = caption
             gen.manual_seed(_sample_seed(self.seed, epoch, index))
             flip = int(torch.randint(2, (), generator=gen))  # drawn even without flips: same eps either way
             chosen[k] = latent[flip if self.shape[0] == 2 else 0]
             torch.randn(self.shape[2:], generator=gen, out=eps[k])
         chosen = torch.from_numpy(chosen).float()
         x = (chosen[:, 0] + chosen[:, 1] * eps) * self.scaling_factor
-        return x, torch.from_numpy(labels)
+        if self.text_shape is None:
+            return x, torch.from_numpy(labels)
+        mask = torch.arange(self.text_shape[0]) < torch.from_numpy(lengths)[:, None]
+        return x, Caption(torch.from_numpy(tokens).float(), mask)
 
 
 class LatentLoader:
-    """Infinite iterator of ``(x (B, C, H, W) float32, y (B,) int64)`` over a latent dataset.
+    """Infinite iterator of ``(x (B, C, H, W) float32, y (B,) int64)`` over a latent dataset, or of
+    ``(x, Caption(tokens (B, L, D) float32, mask (B, L) bool))`` over a dataset with captions
+    (``has_captions``; ``text_len`` L and ``text_dim`` D).
 
     The manifest is checked at start: every shard must exist with its recorded size, hold exactly its
     ``num_samples`` records of ``record_bytes`` (see ``check_shard_records``), and with
@@ -149,6 +166,26 @@ class LatentLoader:
     @property
     def num_samples(self):
         return self.manifest["num_samples"]
+
+    @property
+    def has_captions(self):
+        """Whether batches carry a ``Caption`` (else class labels)."""
+        return self._data.text_shape is not None
+
+    @property
+    def text_len(self):
+        """Tokens per caption L (the text encoder's max length), or None without captions."""
+        return None if self._data.text_shape is None else self._data.text_shape[0]
+
+    @property
+    def text_dim(self):
+        """Width D of the caption embeddings, or None without captions."""
+        return None if self._data.text_shape is None else self._data.text_shape[1]
+
+    @property
+    def text_encoder(self):
+        """The text encoder's name or path recorded in the manifest, or None without captions."""
+        return self.manifest.get("text_encoder") if self.has_captions else None
 
     @property
     def scaling_factor(self):

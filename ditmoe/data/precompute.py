@@ -6,6 +6,12 @@ shard ``i`` goes to rank ``i % world_size``. A finished shard gets a sidecar ``N
 whose sidecar matches the settings. The last rank to finish writes ``rejects.jsonl`` and then
 ``manifest.json``. Every sample read is either written or listed in the rejects with its reason.
 
+Captions: with a text encoder (``Settings.text_encoder``), each sample's caption (its ``txt`` member, or
+key ``caption_key`` of its ``json`` member) is embedded by the frozen encoder, padded or truncated to
+``text_max_length`` tokens, and stored with the latents (see ``latent_format``). A sample without a
+caption, or with an empty one, is rejected. ``cls`` is then optional: a sample without one gets label
+0 (a label that is present must still be valid).
+
 Samples are rejected, never repaired: a duplicate key, a label outside ``[0, num_classes)``, and a
 key that is not a plain relative path (absolute, with ``.``/``..``/empty parts or a backslash: as an
 output member name it would point out of the dataset when extracted). A shard's temporary files
@@ -23,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -46,6 +53,10 @@ class Settings:
     decoder: str = "pil"  # "pil" or "dali"
     device: str = "cpu"  # "cpu" or "cuda"
     num_classes: int = None  # labels must lie in [0, num_classes); None: largest label + 1, below 1000
+    text_encoder: str = None  # transformers text encoder (hub id or directory): store caption embeddings
+    text_max_length: int = None  # tokens per caption, with text_encoder
+    caption_key: str = None  # captions from this key of the json member; None: from the txt member
+    text_batch_size: int = None  # captions per text encoder forward; None: batch_size
 
     @property
     def label_limit(self):
@@ -61,6 +72,7 @@ class _Candidate:
     image_format: str
     mode: str
     plan: object
+    caption: str = None
 
 
 def rank_from_env(env=os.environ):
@@ -106,6 +118,37 @@ def _label(fields, limit):
     return label
 
 
+def _caption(fields, key):
+    """The caption in ``fields["txt"]`` (``key`` None) or in key ``key`` of ``fields["json"]``, or the reason to
+    reject the sample (``(reason,)``, a 1-tuple, as a caption is a str too)."""
+    if key is None:
+        if "txt" not in fields:
+            return ("missing txt caption",)
+        try:
+            caption = fields["txt"].decode("utf-8")
+        except UnicodeDecodeError:
+            return ("txt caption is not UTF-8",)
+    else:
+        if "json" not in fields:
+            return (f"missing json (captions come from its key {key!r})",)
+        try:
+            meta = json.loads(fields["json"])
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            return (f"bad json: {str(e).splitlines()[0] if str(e) else type(e).__name__}",)
+        if not isinstance(meta, dict) or key not in meta:
+            return (f"json has no key {key!r}",)
+        caption = meta[key]
+        if not isinstance(caption, str):
+            return (f"json key {key!r} is not a string but {type(caption).__name__}",)
+    caption = caption.strip()
+    return caption if caption else ("empty caption",)
+
+
+def _caption_source(key):
+    """Where captions come from, as the manifest records it: ``"txt"`` or ``"json:KEY"``."""
+    return "txt" if key is None else f"json:{key}"
+
+
 def _prepare(sample, settings, seen):
     """TarSample -> _Candidate, or the reason to reject it (str)."""
     if sample.error:
@@ -116,9 +159,18 @@ def _prepare(sample, settings, seen):
     problem = _key_problem(sample.key)
     if problem:
         return problem
-    label = _label(sample.fields, settings.label_limit)
-    if isinstance(label, str):
-        return label
+    captions = settings.text_encoder is not None
+    caption = None
+    if captions and "cls" not in sample.fields:
+        label = 0  # text datasets need no class labels
+    else:
+        label = _label(sample.fields, settings.label_limit)
+        if isinstance(label, str):
+            return label
+    if captions:
+        caption = _caption(sample.fields, settings.caption_key)
+        if isinstance(caption, tuple):
+            return caption[0]
     ext = next((e for e in IMAGE_EXTS if e in sample.fields), None)
     if ext is None:
         return f"no jpg/jpeg/png image (fields: {sorted(sample.fields)})"
@@ -127,7 +179,7 @@ def _prepare(sample, settings, seen):
     except Exception as e:  # PIL raises many types for bad headers
         return f"undecodable {ext}: {error_text(e)}"
     plan = plan_resize(*size, settings.resolution)
-    return _Candidate(sample.key, sample.fields[ext], label, image_format, mode, plan)
+    return _Candidate(sample.key, sample.fields[ext], label, image_format, mode, plan, caption)
 
 
 class _Preprocessor:
@@ -210,13 +262,25 @@ class Precompute:
             raise ValueError(f"input shards must have distinct file names (they name the outputs): {dupes[:5]}")
         self.s, self.rank, self.world_size = settings, rank, world_size
         gpu = local_rank % max(torch.cuda.device_count(), 1)  # srun may show each task only its own GPU
-        self.vae = load_vae(settings.vae, f"cuda:{gpu}" if settings.device == "cuda" else "cpu")
+        if (settings.text_encoder is None) != (settings.text_max_length is None):
+            raise ValueError("a text encoder needs text_max_length, and text_max_length a text encoder")
+        if settings.caption_key is not None and settings.text_encoder is None:
+            raise ValueError("caption_key needs a text encoder")
+        device = f"cuda:{gpu}" if settings.device == "cuda" else "cpu"
+        self.vae = load_vae(settings.vae, device)
         self.fingerprint = {
             "vae": settings.vae, "resolution": settings.resolution,
             "scaling_factor": float(self.vae.config.scaling_factor),
             "latent_shape": list(latent_shape(self.vae, settings.resolution)), "flip": True,
             "label_limit": settings.label_limit,
         }
+        self.text = None
+        if settings.text_encoder is not None:  # fingerprint keys only with captions: older sidecars still match
+            from ..text import TextEncoder
+
+            self.text = TextEncoder.load(settings.text_encoder, settings.text_max_length, device)
+            self.fingerprint.update(text_encoder=settings.text_encoder, text_max_length=settings.text_max_length,
+                                    text_dim=self.text.width, caption_key=settings.caption_key)
         self.pre = _Preprocessor(settings, gpu)
 
     def _paths(self, src):
@@ -263,8 +327,8 @@ class Precompute:
                     if isinstance(result, str):
                         rejects.append({"shard": str(src), "key": sample.key, "reason": result})
                     else:
-                        cand, latent = result
-                        writer.write(cand.key, latent, cand.label)
+                        cand, latent, *caption = result
+                        writer.write(cand.key, latent, cand.label, *caption)
                         labels.append(cand.label)
                 bar.update(len(batch))
             info = writer.close()
@@ -281,11 +345,22 @@ class Precompute:
         good = [i for i in todo if not isinstance(images[i], str)]
         if good:
             latents = encode_with_flip(self.vae, torch.stack([images[i] for i in good]))  # (N, 2, 2, C, h, w)
-            for i, latent in zip(good, latents):
+            captions = self._encode_captions([results[i].caption for i in good]) if self.text else None
+            for k, (i, latent) in enumerate(zip(good, latents)):
                 results[i] = (results[i], latent.numpy())
+                if captions is not None:
+                    tokens, length = captions[0][k], int(captions[1][k])
+                    finite = np.isfinite(tokens[:length]).all()
+                    results[i] = results[i] + (tokens, length) if finite else \
+                        f"caption embeddings are not finite in float16 (text encoder {self.s.text_encoder!r})"
         for i in set(todo) - set(good):
             results[i] = images[i]
         return results
+
+    def _encode_captions(self, captions):
+        """Captions -> ``(tokens (N, L, D) float16 numpy, lengths (N,) int64 numpy)``."""
+        caption = self.text.encode(captions, batch_size=self.s.text_batch_size or self.s.batch_size)
+        return caption.tokens.cpu().to(torch.float16).numpy(), caption.mask.sum(1).cpu().numpy()
 
     def run(self):
         """Process this rank's shards; write the manifest if all shards are done. Returns totals."""
@@ -340,11 +415,14 @@ class Precompute:
         counts = {"read": sum(p["read"] for p in parts), "written": sum(p["num_samples"] for p in parts),
                   "rejected": sum(p["rejected"] for p in parts)}
         fp = self.fingerprint
+        text = {} if self.text is None else {
+            "text_encoder": fp["text_encoder"], "text_max_length": fp["text_max_length"], "text_dim": fp["text_dim"],
+            "caption_source": _caption_source(fp["caption_key"])}
         return make_manifest(
             [{k: p[k] for k in keep} for p in parts], latent_shape=fp["latent_shape"], flip=True,
             num_classes=self.s.num_classes or max(p["max_label"] for p in parts) + 1, vae=fp["vae"],
             scaling_factor=fp["scaling_factor"], resolution=fp["resolution"], counts=counts, rejects=REJECTS,
-            source_shards=[p["source"] for p in parts],
+            source_shards=[p["source"] for p in parts], **text,
         )
 
 

@@ -16,16 +16,19 @@ import torch.distributed as dist
 
 from ..diffusion import build_objective
 from ..inference import load_model
+from ..model.conditioning import Condition
 from ..npz import NpzWriter, write_npy_header
 from ..sampling import balanced_labels, generate, num_batches, rank_batches, to_uint8_images
 from .grid import save_grid
+from .prompts import load_text_encoder, prompt_captions, read_prompts, save_prompt_grid
 
 COPY_ROWS = 256  # images per read while rank 0 copies the parts into the npz
 
 
 @dataclass(frozen=True)
 class SampleSettings:
-    """What to sample: ``num_samples`` images of classes cycling 0..K-1 from ``ckpt`` into ``out`` (.npz)."""
+    """What to sample: ``num_samples`` images of classes cycling 0..K-1 (text models: of ``prompts`` and the
+    lines of ``prompts_file``, cycling) from ``ckpt`` into ``out`` (.npz)."""
 
     ckpt: str
     out: str
@@ -38,6 +41,10 @@ class SampleSettings:
     batch_size: int = 250
     grid: str | None = None
     seed: int = 0
+    prompts: tuple[str, ...] = ()
+    prompts_file: str | None = None
+    text_encoder: str | None = None  # default: the one the checkpoint records
+    text_max_length: int | None = None
 
 
 def load_in_turn(settings: SampleSettings, rank: int, device: torch.device):
@@ -56,7 +63,7 @@ def part_path(out: Path, rank: int, world: int) -> Path:
     return out.with_name(f"{out.name}.rank{rank:05d}-of-{world:05d}.npy")
 
 
-def sample_batches(model, objective, labels: torch.Tensor, batches: range, settings: SampleSettings, progress: bool):
+def sample_batches(model, objective, labels: Condition, batches: range, settings: SampleSettings, progress: bool):
     """The uint8 images (n, H, W, C) of each of the global ``batches``, one batch at a time."""
     for b in batches:
         latents = generate(model, objective, labels, cfg_scale=settings.cfg_scale, sampler=settings.sampler,
@@ -94,14 +101,20 @@ def write_grid(path: str, parts: list[np.ndarray], labels: np.ndarray, num_class
     save_grid(np.concatenate(rows), rows=num_classes, path=path)
 
 
-def assemble(out: Path, paths: list[Path], labels: np.ndarray, grid: str | None, num_classes: int) -> tuple:
+def assemble(out: Path, paths: list[Path], labels: np.ndarray, grid: str | None, num_classes: int,
+             prompts: list[str] | None = None) -> tuple:
     """Rank 0, once every rank has written its part: the npz (and the grid) from the parts, which it then
-    removes. Returns the shape of one image."""
+    removes. Returns the shape of one image. ``labels``: classes, or with ``prompts`` each sample's prompt
+    index (the npz then also holds ``prompts``)."""
     parts = [np.load(p, mmap_mode="r") for p in paths]
     with NpzWriter(out) as npz:
         npz.add_chunks("arr_0", (len(labels), *parts[0].shape[1:]), np.uint8, part_rows(parts))
         npz.add("arr_1", labels.astype(np.int64))
-    if grid:
+        if prompts is not None:
+            npz.add("prompts", np.array(prompts))
+    if grid and prompts is not None:
+        save_prompt_grid(np.concatenate([np.asarray(p) for p in parts]), labels, prompts, grid)
+    elif grid:
         write_grid(grid, parts, labels, num_classes)
     for p in paths:
         p.unlink()
@@ -117,16 +130,24 @@ def sample_to_npz(settings: SampleSettings, rank: int, world: int, device: torch
     model, meta = load_in_turn(settings, rank, device)
     objective = build_objective(meta["train_config"]["objective"])
     k = model.config.num_classes
-    if settings.grid and settings.num_samples < k:
-        raise ValueError(f"--grid needs at least {k} samples (one per class)")
-    labels = balanced_labels(settings.num_samples, k)
+    prompts = None
+    if model.config.is_text:  # captions cycle through the prompts; labels hold each sample's prompt index
+        prompts = read_prompts(settings.prompts, settings.prompts_file)
+        encoder = load_text_encoder(meta, settings.text_encoder, settings.text_max_length, device)
+        conditions, labels = prompt_captions(prompts, settings.num_samples, encoder)
+    else:
+        if settings.prompts or settings.prompts_file:
+            raise ValueError(f"{settings.ckpt} is a class-conditional model: it takes no prompts")
+        if settings.grid and settings.num_samples < k:
+            raise ValueError(f"--grid needs at least {k} samples (one per class)")
+        conditions = labels = balanced_labels(settings.num_samples, k)
     out.parent.mkdir(parents=True, exist_ok=True)
     if batches:  # with more ranks than batches, the last ones have none
-        share = labels[batches.start * settings.batch_size:batches.stop * settings.batch_size]
-        images = sample_batches(model, objective, labels, batches, settings, progress=rank == 0)
-        write_part(part_path(out, rank, world), images, len(share))
+        count = len(labels[batches.start * settings.batch_size:batches.stop * settings.batch_size])
+        images = sample_batches(model, objective, conditions, batches, settings, progress=rank == 0)
+        write_part(part_path(out, rank, world), images, count)
     dist.barrier()
     if rank > 0:
         return None
     paths = [part_path(out, r, world) for r in range(world) if rank_batches(total, r, world)]
-    return assemble(out, paths, labels.numpy(), settings.grid, k)
+    return assemble(out, paths, labels.numpy(), settings.grid, k, prompts)

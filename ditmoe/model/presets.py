@@ -96,6 +96,12 @@ def _build_presets() -> dict[str, DiTConfig]:
         input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=4, num_heads=4,
         num_classes=10, num_experts=4, top_k=2,
     )
+    # the text-to-image digits demo: the demo's size, EC-DiT's choices (GQA, expert choice in every other block,
+    # GELU experts, no shared experts), captions from the tiny CLIP encoder the trainer builds (width 16, 8 tokens)
+    presets["demo-t2i"] = presets["demo"].replace(
+        num_kv_heads=2, text_dim=16, text_len=8, routing="expert_choice", capacity_factor=2.0,
+        moe_placement="every_other", expert_activation="gelu", num_shared_experts=0,
+    )
     presets.update(_ec_dit_presets())
     return presets
 

@@ -18,7 +18,7 @@ DOCS = field_docs(TrainConfig)
 
 def build_parser():
     p = make_parser(__doc__, prog="python -m ditmoe.train")
-    p.add_argument("--preset", help="training preset ('demo') or any model preset name (default: demo)")
+    p.add_argument("--preset", help="training preset ('demo', 'demo-t2i') or any model preset name (default: demo)")
     p.add_argument("--config", metavar="FILE",
                    help="experiment file: preset and training settings, model settings in a 'model' table")
     p.add_argument("--list-settings", action="store_true",
@@ -87,7 +87,7 @@ def main(argv=None):
         from .trainer import train
 
         record = train(config)
-        if config.data == "digits" and config.eval_samples > 0 and not record["preempted"]:
+        if config.data in ("digits", "digits-t2i") and config.eval_samples > 0 and not record["preempted"]:
             record = {**record, **final_eval(config)}
     print(json.dumps({k: v for k, v in record.items() if not isinstance(v, list)}), flush=True)
     shutdown_distributed()

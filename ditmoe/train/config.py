@@ -18,7 +18,7 @@ class TrainConfig:
     preset: str = "demo"  #: Model preset name (a training preset such as 'demo' also sets the training defaults).
     model_overrides: tuple[str, ...] = ()  #: KEY=VALUE items applied to the preset's model config (set as model.KEY).
     objective: str = "ddpm"  #: Training objective: 'ddpm' or 'rectified_flow'.
-    data: str = "digits"  #: 'digits' (embedded) or a directory of latent shards.
+    data: str = "digits"  #: 'digits', 'digits-t2i' (embedded; with captions) or a directory of latent shards.
     out: str = "runs/demo"  #: Output directory: config, metrics.jsonl, tensorboard/, checkpoints/.
     steps: int = 1000  #: Optimizer steps to train for.
     global_batch_size: int = 256  #: Samples per optimizer step over all ranks.
@@ -87,6 +87,9 @@ TRAIN_PRESETS = {
         eval_sampler="dpm_solver++", eval_steps=20, eval_cfg_scale=3.0,
     ),
 }
+# Text-to-image digits (EC-DiT): the same recipe on captions embedded by a tiny frozen text encoder.
+TRAIN_PRESETS["demo-t2i"] = dataclasses.replace(TRAIN_PRESETS["demo"], preset="demo-t2i", data="digits-t2i",
+                                                out="runs/demo-t2i")
 
 
 def preset_train_config(preset: str) -> TrainConfig:

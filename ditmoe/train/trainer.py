@@ -86,6 +86,9 @@ def build_deepspeed_config(config: TrainConfig, model_config: DiTConfig, world: 
             precision="bf16" if ds_engine.uses_bf16(ds_config) else "fp32", ep_size=config.ep_size,
             device_bytes=device_bytes)
     zero = ds_config["zero_optimization"]
+    if config.ep_size > 1 and model_config.expert_activation != "swiglu":
+        raise ValueError(f"expert parallelism (ep_size={config.ep_size}) runs through DeepSpeed AutoEP, whose experts "
+                         f"are SwiGLU only: expert_activation={model_config.expert_activation!r} needs ep_size=1")
     validate_ep(config.ep_size, model_config.num_experts, world, model_config.routing, zero["stage"], zero)
     if ds_config.get("expert_parallel", {}).get("enabled") and config.ep_size == 1:
         raise ValueError(f"--deepspeed-config {config.deepspeed_config} enables expert_parallel: pass --ep-size N > 1")
@@ -116,9 +119,15 @@ class Trainer:
         self.writer = MetricsWriter(self.out, config.tensorboard, resume_step=self.step) if self.is_rank0 else None
         self.checkpointer = Checkpointer(config, self.run_folder.ckpt_root, rank=self.rank, world_size=self.world,
                                          zero_stage=self.zero_stage, guard=PreemptionGuard(),
-                                         verify=self.check_saveable)
+                                         verify=self.check_saveable, text_encoder=self.loader_text_encoder())
         self.window_start, self.window_samples = time.perf_counter(), 0  # throughput since the last log
         self.divergence = DivergenceGuard(config.max_nonfinite_steps, self.device, self.step)
+
+    def loader_text_encoder(self) -> dict | None:
+        """The text encoder the training captions were embedded with (None for class labels): sampling uses it."""
+        if not self.loader.has_captions:
+            return None
+        return {"name": self.loader.text_encoder, "max_length": self.loader.text_len}
 
     def _claim_run_folder(self):
         """Rank 0: lock the run folder, refuse (or with --overwrite clear) an earlier run, write the config."""

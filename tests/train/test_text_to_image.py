@@ -1,0 +1,118 @@
+"""Text-to-image (EC-DiT) through the real commands: the digits with captions embedded by the tiny frozen text
+encoder, trained under DeepSpeed, resumed, and sampled from prompts."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import free_port, metrics, run_cli
+from ditmoe.diffusion import ClassifierFreeGuidance
+from ditmoe.model import DiT, get_preset
+from ditmoe.model.conditioning import Caption
+
+SMALL_T2I = ["--preset", "demo-t2i", "--global-batch-size", "16", "--micro-batch-size", "8", "--set", "model.hidden_size=32",
+             "--set", "model.depth=2", "--set", "model.num_heads=2", "--set", "log_every=1",
+             "--set", "eval_samples=0", "--seed", "3", "--set", "lr=3e-3"]
+ENV = {"OMP_NUM_THREADS": "1"}
+
+
+def train(out, *args, check=True):
+    return run_cli(["-m", "ditmoe.train", *SMALL_T2I, *args, "--out", str(out)], env=ENV, check=check)
+
+
+def losses(out):
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in metrics(out)]
+
+
+@pytest.fixture(scope="module")
+def t2i_run(tmp_path_factory):
+    """4 steps, checkpoints at 2 and 4 (ZeRO-1, one rank)."""
+    out = tmp_path_factory.mktemp("t2i") / "run"
+    train(out, "--steps", "4", "--zero-stage", "1", "--set", "ckpt_every=2")
+    return out
+
+
+def test_caption_data_and_checkpoint_record_the_text_encoder(t2i_run):
+    manifest = json.loads((t2i_run / "data/digits-t2i/manifest.json").read_text())
+    assert (manifest["text_dim"], manifest["text_max_length"]) == (16, 8)
+    meta = json.loads((t2i_run / "checkpoints/step_00000004/meta.json").read_text())
+    assert meta["text_encoder"] == {"name": manifest["text_encoder"], "max_length": 8}
+    assert meta["model_config"]["text_dim"] == 16 and meta["model_config"]["routing"] == "expert_choice"
+    assert len({loss for _, loss, _ in losses(t2i_run)}) == 4
+
+
+def test_resume_is_bit_identical(t2i_run, tmp_path):
+    out = tmp_path / "run"
+    train(out, "--steps", "2", "--zero-stage", "1", "--set", "ckpt_every=2")
+    train(out, "--steps", "4", "--zero-stage", "1", "--set", "ckpt_every=2", "--resume", "auto")
+    assert losses(out) == losses(t2i_run)
+    a = torch.load(t2i_run / "checkpoints/step_00000004/ema.pt", weights_only=True)
+    b = torch.load(out / "checkpoints/step_00000004/ema.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_zero3_on_two_ranks_with_activation_checkpointing_matches_one_process(t2i_run, tmp_path):
+    out = tmp_path / "run"
+    launch = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+              "--master_addr", "127.0.0.1"]
+    run_cli([*launch, "-m", "ditmoe.train", *SMALL_T2I, "--steps", "4", "--zero-stage", "3",
+             "--activation-checkpointing", "1", "--set", "ckpt_every=2", "--out", str(out)], env=ENV)
+    for (step, loss, norm), (_, ref_loss, ref_norm) in zip(losses(out), losses(t2i_run), strict=True):
+        assert loss == pytest.approx(ref_loss, rel=1e-5), step
+        assert norm == pytest.approx(ref_norm, rel=1e-4), step
+
+
+def test_sampling_from_prompts(t2i_run, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the digit 3\n\na picture of the number seven\n")
+    out = tmp_path / "s.npz"
+    proc = run_cli(["tools/sample.py", "--ckpt", str(t2i_run), "--out", str(out), "--num-samples", "6",
+                    "--prompt", "number one", "--prompts", str(prompts), "--sampler", "ddim",
+                    "--steps", "4", "--cfg-scale", "2", "--grid", str(tmp_path / "grid.png")], env=ENV)
+    assert "wrote 6 samples" in proc.stdout
+    with np.load(out) as npz:
+        assert npz["arr_0"].shape == (6, 8, 8, 1)
+        assert list(npz["prompts"]) == ["number one", "the digit 3", "a picture of the number seven"]
+        assert list(npz["arr_1"]) == [0, 1, 2, 0, 1, 2]
+        assert len({npz["arr_0"][i].tobytes() for i in range(6)}) == 6
+    assert (tmp_path / "grid.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "a text-conditioned model needs prompts"),
+    (["--prompts", "missing.txt"], "--prompts missing.txt: no such file"),
+])
+def test_sampling_a_text_model_without_prompts_is_a_clear_error(t2i_run, tmp_path, args, message):
+    proc = run_cli(["tools/sample.py", "--ckpt", str(t2i_run), "--out", str(tmp_path / "s.npz"), "--num-samples", "2",
+                    *args], env=ENV, check=False)
+    assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_class_model_on_caption_data_is_a_clear_error(t2i_run, tmp_path):
+    proc = run_cli(["-m", "ditmoe.train", "--preset", "demo", "--data", str(t2i_run / "data/digits-t2i"),
+                    "--steps", "1", "--out", str(tmp_path / "run")], env=ENV, check=False)
+    assert proc.returncode == 1 and "holds captions: train a text-conditioned preset" in proc.stderr, proc.stderr
+
+
+def test_gelu_experts_with_expert_parallelism_are_a_clear_error(tmp_path):
+    proc = train(tmp_path / "run", "--steps", "1", "--set", "model.routing=token_choice", "--ep-size", "2",
+                 check=False)
+    assert proc.returncode == 2 or proc.returncode == 1
+    assert "AutoEP" in proc.stderr and "expert_activation='gelu'" in proc.stderr, proc.stderr
+
+
+def test_guidance_mixes_the_caption_and_the_learned_null_caption():
+    """CFG on a caption: the doubled batch's second half is the null caption (drop mask), not another label."""
+    torch.manual_seed(0)
+    model = DiT(get_preset("EC-DiT-tiny")).eval()
+    for p in model.parameters():  # leave DiT's zero init: every output would be 0
+        torch.nn.init.normal_(p, std=0.1)
+    x, t = torch.randn(3, 4, 8, 8), torch.tensor([10, 500, 900])
+    caption = Caption(torch.randn(3, 8, 16), torch.arange(8).expand(3, 8) < torch.tensor([[3], [8], [5]]))
+    guided = ClassifierFreeGuidance(model, 2.5, null_label=-1)(x, t, caption)
+    cond = model(x, t, caption, torch.zeros(3, dtype=torch.bool))
+    uncond = model(x, t, caption, torch.ones(3, dtype=torch.bool))
+    torch.testing.assert_close(guided, uncond + 2.5 * (cond - uncond), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(cond, uncond, atol=1e-3)
