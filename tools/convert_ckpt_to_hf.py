@@ -1,7 +1,8 @@
 """Export a training checkpoint, or import a published one, into a Hugging Face folder.
 
     python tools/convert_ckpt_to_hf.py --ckpt runs/demo --out hf/demo [--tag latest] \\
-        [--weights ema|model] [--dtype fp32|bf16|fp16] [--max-shard-size 5GB]
+        [--weights ema|model] [--dtype fp32|bf16|fp16] [--max-shard-size 5GB] \\
+        [--text-encoder PATH_OR_ID [--text-max-length N]]
     python tools/convert_ckpt_to_hf.py --from official-ditmoe --ckpt dit_moe_s_8E2A.pt --out hf/s8
     python tools/convert_ckpt_to_hf.py --from dit --ckpt DiT-XL-2-256x256.pt --out hf/dit-xl
 
@@ -10,6 +11,11 @@ parallelism, any world size) are read: EMA weights from ``ema.pt`` (default), or
 weights through DeepSpeed's universal checkpoint for ZeRO-3/EP. The folder loads offline with
 ``transformers.AutoModel.from_pretrained(OUT, trust_remote_code=True)`` and samples with
 ``tools/sample.py --ckpt OUT``.
+
+Text-conditioned models (EC-DiT) name their frozen text encoder in config.json
+(``text_encoder_name_or_path``, ``text_max_length``): the one the checkpoint records (its meta's
+``text_encoder``, or ``text_encoder`` / ``text_max_length`` of its training config), unless
+``--text-encoder`` / ``--text-max-length`` are given; none when neither says.
 """
 
 import argparse
@@ -46,24 +52,61 @@ def build_parser():
                         "XL/G layout, else ddpm)")
     p.add_argument("--num-heads", action=Positive, help="heads of a published model of non-standard width")
     p.add_argument("--top-k", action=Positive, default=2, help="experts per token of a published DiT-MoE (default 2)")
+    p.add_argument("--text-encoder", metavar="PATH_OR_ID",
+                   help="text-conditioned models: the text encoder to name in config.json (default: the one the "
+                        "checkpoint records, if any)")
+    p.add_argument("--text-max-length", action=Positive,
+                   help="text-conditioned models: tokens per prompt (default: the recorded one, else text_len)")
     return p
 
 
+def recorded_text_encoder(meta: dict) -> tuple[str | None, int | None]:
+    """(name or path, max length or None) of the text encoder a checkpoint's meta records: ``meta["text_encoder"]``
+    or ``meta["train_config"]["text_encoder"]``, each a name or a ``{"name", "max_length"}`` dict (the max length
+    may also be ``train_config["text_max_length"]``); (None, None) when it records none."""
+    train = meta.get("train_config") or {}
+    for recorded in (meta.get("text_encoder"), train.get("text_encoder")):
+        if isinstance(recorded, dict) and recorded.get("name"):
+            return str(recorded["name"]), recorded.get("max_length") or train.get("text_max_length")
+        if isinstance(recorded, str) and recorded:
+            return recorded, train.get("text_max_length")
+    return None, None
+
+
+def text_encoder(args, model, meta: dict) -> tuple[str | None, int | None]:
+    """The text encoder to record for ``model``: the flags, else the checkpoint's; (None, None) for class models
+    (where the flags are an error)."""
+    if not model.config.is_text:
+        if args.text_encoder or args.text_max_length:
+            raise ValueError("--text-encoder/--text-max-length: the checkpoint is a class-conditional model")
+        return None, None
+    name, max_length = recorded_text_encoder(meta)
+    if args.text_encoder:
+        name, max_length = args.text_encoder, None
+    if args.text_max_length:
+        if not name:
+            raise ValueError("--text-max-length needs a text encoder: pass --text-encoder PATH_OR_ID")
+        max_length = args.text_max_length
+    return name, int(max_length) if max_length else None
+
+
 def load(args):
-    """(model, objective) of the checkpoint to convert."""
+    """(model, objective, meta) of the checkpoint to convert (meta {} for published checkpoints)."""
     if args.source == "ditmoe":
         model, meta = load_model(args.ckpt, weights=args.weights, tag=args.tag)
-        return model, meta["train_config"]["objective"]
+        return model, meta["train_config"]["objective"], meta
     model = load_published(args.ckpt, args.source, num_heads=args.num_heads, top_k=args.top_k)
-    return model, args.objective or default_objective(model.config)
+    return model, args.objective or default_objective(model.config), {}
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     with user_errors(RuntimeError):
-        model, objective = load(args)
+        model, objective, meta = load(args)
+        encoder, max_length = text_encoder(args, model, meta)
         params = export(model, args.out, objective=objective, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                        source=f"{args.source}:{Path(args.ckpt).name}")
+                        source=f"{args.source}:{Path(args.ckpt).name}", text_encoder=encoder,
+                        text_max_length=max_length)
     print(f"wrote {args.out} ({args.dtype}, {objective}): {params['total'] / 1e6:.3f}M parameters total, "
           f"{params['activated'] / 1e6:.3f}M activated")
 

@@ -25,6 +25,11 @@ def build_objective(name: str, **kwargs: Any) -> Objective:
     return OBJECTIVES[name](**kwargs)
 
 
+def objective_for(name: str, model_config) -> Objective:
+    """The objective ``name`` for a model of ``model_config``: DDPM learns σ only when the model predicts it."""
+    return build_objective(name, learn_sigma=model_config.learn_sigma) if name == "ddpm" else build_objective(name)
+
+
 __all__ = [
     "OBJECTIVES",
     "ClassifierFreeGuidance",
@@ -33,6 +38,7 @@ __all__ = [
     "RectifiedFlow",
     "approx_standard_normal_cdf",
     "build_objective",
+    "objective_for",
     "discretized_gaussian_log_likelihood",
     "linear_betas",
     "normal_kl",

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..diffusion import build_objective
+from ..diffusion import objective_for
 from ..inference import load_model
 from ..model.conditioning import Condition
 from ..npz import NpzWriter, write_npy_header
@@ -128,7 +128,7 @@ def sample_to_npz(settings: SampleSettings, rank: int, world: int, device: torch
     total = num_batches(settings.num_samples, settings.batch_size)
     batches = rank_batches(total, rank, world)
     model, meta = load_in_turn(settings, rank, device)
-    objective = build_objective(meta["train_config"]["objective"])
+    objective = objective_for(meta["train_config"]["objective"], model.config)
     k = model.config.num_classes
     prompts = None
     if model.config.is_text:  # captions cycle through the prompts; labels hold each sample's prompt index

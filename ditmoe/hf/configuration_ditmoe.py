@@ -1,5 +1,9 @@
 """Hugging Face ``PretrainedConfig`` of a ditmoe model: every architecture and MoE hyper-parameter,
-with the derived widths written out so that config.json alone describes the network."""
+with the derived widths written out so that config.json alone describes the network.
+
+Text-conditioned models (``text_dim > 0``) also name the frozen text encoder their captions come from:
+``text_encoder_name_or_path`` (hub id or path, None when unknown) and ``text_max_length`` (tokens each
+prompt is padded or truncated to; ``text_len`` when not given). The encoder is not part of the weights."""
 
 from transformers import PretrainedConfig
 
@@ -13,7 +17,7 @@ class DiTMoEConfig(PretrainedConfig):
     model_type = "ditmoe"
 
     def __init__(self, expert_hidden_size: int | None = None, shared_expert_hidden_size: int | None = None,
-                 **kwargs):
+                 text_encoder_name_or_path: str | None = None, text_max_length: int | None = None, **kwargs):
         arch = {name: kwargs.pop(RENAMED.get(name, name)) for name in DiTConfig.__dataclass_fields__
                 if RENAMED.get(name, name) in kwargs}
         super().__init__(**kwargs)
@@ -27,6 +31,8 @@ class DiTMoEConfig(PretrainedConfig):
             if given is not None and given != derived[name]:
                 raise ValueError(f"config {name}={given} contradicts the other fields (they give {derived[name]})")
             setattr(self, name, derived[name])
+        self.text_encoder_name_or_path, self.text_max_length = _text_encoder(dit, text_encoder_name_or_path,
+                                                                             text_max_length)
 
     @classmethod
     def from_dit_config(cls, config: DiTConfig, **kwargs) -> "DiTMoEConfig":
@@ -34,3 +40,22 @@ class DiTMoEConfig(PretrainedConfig):
 
     def to_dit_config(self) -> DiTConfig:
         return DiTConfig(**{name: getattr(self, RENAMED.get(name, name)) for name in DiTConfig.__dataclass_fields__})
+
+
+def _text_encoder(dit: DiTConfig, name, max_length) -> tuple[str | None, int | None]:
+    """(text_encoder_name_or_path, text_max_length) checked against the architecture: only text models name an
+    encoder; its max length is a positive integer, ``text_len`` by default."""
+    if name is None:
+        if max_length is not None:
+            raise ValueError(f"config text_max_length={max_length!r} needs text_encoder_name_or_path")
+        return None, None
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"config text_encoder_name_or_path must be a non-empty string, got {name!r}")
+    if not dit.is_text:
+        raise ValueError(f"config text_encoder_name_or_path={name!r}: a class-conditional model (text_dim=0) "
+                         "has no text encoder")
+    if max_length is None:
+        return name, dit.text_len
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"config text_max_length must be a positive integer, got {max_length!r}")
+    return name, max_length

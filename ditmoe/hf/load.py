@@ -14,7 +14,9 @@ SCHEDULER_FILE = "scheduler_config.json"
 
 
 def load_hf_folder(path: str | Path) -> tuple[DiT, dict]:
-    """(model in eval mode, meta with the model config and the objective) of an exported folder."""
+    """(model in eval mode, meta with the model config and the objective) of an exported folder. A text model's
+    recorded text encoder is ``meta["text_encoder"] = {"name", "max_length"}`` (what sampling reads) and
+    ``meta["train_config"]["text_encoder"]``, ``["text_max_length"]``; absent when the folder names none."""
     path = Path(path)
     config = DiTMoEConfig.from_json_file(path / "config.json")
     index = path / "model.safetensors.index.json"
@@ -37,4 +39,8 @@ def load_hf_folder(path: str | Path) -> tuple[DiT, dict]:
         raise FileNotFoundError(f"{path}: missing {SCHEDULER_FILE}")
     schedule = json.loads(schedule_file.read_text())
     meta = {"model_config": model.config.to_dict(), "train_config": {"objective": schedule["objective"]}}
+    if config.text_encoder_name_or_path:
+        meta["text_encoder"] = {"name": config.text_encoder_name_or_path, "max_length": config.text_max_length}
+        meta["train_config"].update(text_encoder=config.text_encoder_name_or_path,
+                                    text_max_length=config.text_max_length)
     return model.eval(), meta

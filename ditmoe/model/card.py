@@ -13,7 +13,9 @@ from .routing import expert_capacity
 
 
 def experts_per_token(config: DiTConfig) -> float:
-    """Average routed experts a token goes through: k for token choice, E·C/T for expert choice."""
+    """Average routed experts a token goes through: k for token choice, E·C/T for expert choice (0 if dense)."""
+    if not config.is_moe:
+        return 0.0
     if config.routing == "expert_choice":
         capacity = expert_capacity(config.capacity_factor, config.num_tokens, config.num_experts)
         return config.num_experts * capacity / config.num_tokens

@@ -118,14 +118,15 @@ def ffn_activation_bytes(config: DiTConfig, tokens: int, dtype_bytes: int, moe: 
 
     Per token, in D working-dtype elements: its output, kept by the gate multiply, 1; each routed
     assignment 3 + 3·F/D (gathered input, gate and up projections kept by the SwiGLU op, its output,
-    expert output, weighted output); shared experts 4·S/D; a dense GELU MLP 2·M/D. Plus fp32 router probabilities
-    per token, and int64 indices and an fp32 weight per assignment.
+    expert output, weighted output; GELU experts 3 + 2·F/D: the up projection and its GELU); shared
+    experts 4·S/D; a dense GELU MLP 2·M/D. Plus fp32 router probabilities per token, and int64 indices and
+    an fp32 weight per assignment.
     """
     d = config.hidden_size
     if not moe:
         return tokens * (d + 2 * int(config.mlp_ratio * d)) * dtype_bytes
     routed = experts_per_token(config)
-    per_token = d + routed * (3 * d + 3 * config.expert_hidden) + 4 * config.shared_hidden
+    per_token = d + routed * (3 * d + config.expert_matrices * config.expert_hidden) + 4 * config.shared_hidden
     return tokens * (per_token * dtype_bytes + config.num_experts * 4 + routed * (3 * 8 + 4))
 
 
@@ -135,9 +136,13 @@ def block_activation_bytes(config: DiTConfig, tokens: int, dtype_bytes: int, moe
     Per token, in D working-dtype elements: attention 8 (norm input and output, modulated input,
     q, k, v, attention output, projection output), the FFN's input side 3 (norm input and output,
     modulated input), fp32 norm statistics and attention log-sum-exp, and :func:`ffn_activation_bytes`.
+    Text models add cross-attention's (an estimate; the calibration in docs/planner.md is of class models).
     """
     d = config.hidden_size
     kept = tokens * (11 * d * dtype_bytes + (config.num_heads + 4) * 4)
+    if config.is_text:  # cross-attention: input, q, attention and projection outputs per image token; k, v of
+        # the caption per sample (the upper bound: tokens / T samples x text_len caption tokens)
+        kept += tokens * 4 * d * dtype_bytes + (tokens // config.num_tokens) * config.text_len * 2 * d * dtype_bytes
     return kept + ffn_activation_bytes(config, tokens, dtype_bytes, moe)
 
 

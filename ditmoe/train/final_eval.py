@@ -14,7 +14,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ..data.digits import latents_to_pixels
-from ..diffusion import build_objective
+from ..diffusion import objective_for
 from ..eval.digits import conditional_accuracy
 from ..eval.grid import save_grid
 from ..eval.prompts import load_text_encoder
@@ -53,7 +53,8 @@ def sample_pixels(config: TrainConfig, model, conditions) -> np.ndarray:
     """Digits (N, 8, 8) in [0, 16] sampled for ``conditions`` (labels or a Caption) with a progress bar."""
     batches = tqdm(range(num_batches(batch_size(conditions), BATCH_SIZE)), desc="final eval sampling", unit="batch",
                    mininterval=1.0)
-    latents = generate(model, build_objective(config.objective), conditions, cfg_scale=config.eval_cfg_scale,
+    objective = objective_for(config.objective, model.config)
+    latents = generate(model, objective, conditions, cfg_scale=config.eval_cfg_scale,
                        sampler=config.eval_sampler, steps=config.eval_steps, batch_size=BATCH_SIZE,
                        seed=config.seed, batches=batches)
     return latents_to_pixels(latents)

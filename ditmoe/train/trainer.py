@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..diffusion import build_objective
+from ..diffusion import objective_for
 from ..model import DiT, DiTConfig
 from ..model.conditioning import Caption, Condition, condition_to, index_condition
 from ..parallel import engine as ds_engine
@@ -144,7 +144,7 @@ class Trainer:
             apply_compile(model, zero3=self.zero_stage == 3,
                           checkpointed=checkpointed_blocks(len(model.blocks), config.activation_checkpointing))
         apply_activation_checkpointing(model, config.activation_checkpointing)
-        self.objective = build_objective(config.objective)
+        self.objective = objective_for(config.objective, self.model_config)
         optimizer = ds_engine.build_optimizer(
             moe_param_groups(model, config.ep_size, self.zero_stage), config.lr, config.weight_decay,
             (config.adam_beta1, config.adam_beta2), cpu_offload=ds_engine.offloads_optimizer(self.ds_config),

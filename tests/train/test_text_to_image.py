@@ -7,13 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import free_port, metrics, run_cli
 from ditmoe.diffusion import ClassifierFreeGuidance
 from ditmoe.model import DiT, get_preset
 from ditmoe.model.conditioning import Caption
 
-SMALL_T2I = ["--preset", "demo-t2i", "--global-batch-size", "16", "--micro-batch-size", "8", "--set", "model.hidden_size=32",
-             "--set", "model.depth=2", "--set", "model.num_heads=2", "--set", "log_every=1",
+from conftest import free_port, metrics, run_cli
+
+SMALL_T2I = ["--preset", "demo-t2i", "--global-batch-size", "16", "--micro-batch-size", "8",
+             "--set", "model.hidden_size=32", "--set", "model.depth=2", "--set", "model.num_heads=2",
+             "--set", "log_every=1",
              "--set", "eval_samples=0", "--seed", "3", "--set", "lr=3e-3"]
 ENV = {"OMP_NUM_THREADS": "1"}
 
@@ -116,3 +118,13 @@ def test_guidance_mixes_the_caption_and_the_learned_null_caption():
     uncond = model(x, t, caption, torch.ones(3, dtype=torch.bool))
     torch.testing.assert_close(guided, uncond + 2.5 * (cond - uncond), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(cond, uncond, atol=1e-3)
+
+
+def test_an_ec_dit_preset_without_learned_sigma_trains_and_samples_with_ddpm(tmp_path):
+    """EC-DiT presets predict no variance (learn_sigma=False): the DDPM objective must then learn none either."""
+    out = tmp_path / "run"
+    run_cli(["-m", "ditmoe.train", *SMALL_T2I, "--steps", "1", "--set", "model.learn_sigma=false", "--out", str(out)],
+            env=ENV)
+    proc = run_cli(["tools/sample.py", "--ckpt", str(out), "--out", str(tmp_path / "s.npz"), "--num-samples", "2",
+                    "--prompt", "the digit 4", "--sampler", "ddim", "--steps", "3"], env=ENV)
+    assert "wrote 2 samples" in proc.stdout
