@@ -55,11 +55,14 @@ def test_resume_is_bit_identical(t2i_run, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_zero3_on_two_ranks_with_activation_checkpointing_matches_one_process(t2i_run, tmp_path):
+LAUNCH2 = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_on_two_ranks_with_activation_checkpointing_matches_one_process(t2i_run, tmp_path, stage):
     out = tmp_path / "run"
-    launch = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-              "--master_addr", "127.0.0.1"]
-    run_cli([*launch, "-m", "ditmoe.train", *SMALL_T2I, "--steps", "4", "--zero-stage", "3",
+    launch = [*LAUNCH2, "--master_port", str(free_port())]
+    run_cli([*launch, "-m", "ditmoe.train", *SMALL_T2I, "--steps", "4", "--zero-stage", str(stage),
              "--activation-checkpointing", "1", "--set", "ckpt_every=2", "--out", str(out)], env=ENV)
     for (step, loss, norm), (_, ref_loss, ref_norm) in zip(losses(out), losses(t2i_run), strict=True):
         assert loss == pytest.approx(ref_loss, rel=1e-5), step
@@ -80,6 +83,17 @@ def test_sampling_from_prompts(t2i_run, tmp_path):
         assert list(npz["arr_1"]) == [0, 1, 2, 0, 1, 2]
         assert len({npz["arr_0"][i].tobytes() for i in range(6)}) == 6
     assert (tmp_path / "grid.png").stat().st_size > 0
+
+
+def test_sampling_prompts_on_two_ranks_equals_one_process(t2i_run, tmp_path):
+    args = ["--ckpt", str(t2i_run), "--num-samples", "6", "--batch-size", "2", "--prompt", "the digit 3",
+            "--prompt", "number seven", "--sampler", "ddim", "--steps", "3", "--cfg-scale", "2"]
+    run_cli(["tools/sample.py", *args, "--out", str(tmp_path / "one.npz")], env=ENV)
+    run_cli([*LAUNCH2, "--master_port", str(free_port()), "tools/sample.py", *args, "--out", str(tmp_path / "two.npz")],
+            env=ENV)
+    with np.load(tmp_path / "one.npz") as one, np.load(tmp_path / "two.npz") as two:
+        assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["arr_1"], two["arr_1"])
+        assert list(one["prompts"]) == list(two["prompts"])
 
 
 @pytest.mark.parametrize("args, message", [
