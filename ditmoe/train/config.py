@@ -87,9 +87,12 @@ TRAIN_PRESETS = {
         eval_sampler="dpm_solver++", eval_steps=20, eval_cfg_scale=3.0,
     ),
 }
-# Text-to-image digits (EC-DiT): the same recipe on captions embedded by a tiny frozen text encoder.
+# Text-to-image digits (EC-DiT): the demo's recipe on captions embedded by a tiny frozen text encoder, for 3000
+# steps: cross-attention learns the 80 training phrasings later than a label embedding learns 10 classes
+# (accuracy on training phrasings ~0.27 after 1000 steps, 1.00 after 3000; a pooled caption term in adaLN
+# reaches 0.998 at 3000 too and is off, as in EC-DiT).
 TRAIN_PRESETS["demo-t2i"] = dataclasses.replace(TRAIN_PRESETS["demo"], preset="demo-t2i", data="digits-t2i",
-                                                out="runs/demo-t2i")
+                                                out="runs/demo-t2i", steps=3000)
 
 
 def preset_train_config(preset: str) -> TrainConfig:
