@@ -45,7 +45,7 @@ def write_meta(tag_dir: Path, meta: dict):
 
 def check_resume_compatible(meta: dict, model_config: DiTConfig, tag_dir: Path):
     """Raise a ValueError naming every model field the checkpoint was trained with another value of."""
-    saved = meta["model_config"]
+    saved = DiTConfig.from_dict(meta["model_config"]).to_dict()  # settings newer than the checkpoint: defaults
     current = model_config.to_dict()
     diff = sorted(k for k in current if saved.get(k) != current[k])
     if diff:

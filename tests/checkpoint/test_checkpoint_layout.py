@@ -85,3 +85,14 @@ def test_ema_files(tmp_path):
     assert torch.equal(checkpoint.load_local_ema(tmp_path, {"ema_shards": 0}, 1)["w"], full["w"])
     with pytest.raises(FileNotFoundError, match="missing ema_local_rank00002.pt"):
         checkpoint.load_local_ema(tmp_path, {"ema_shards": 2}, 2)
+
+
+def test_resume_check_takes_settings_newer_than_the_checkpoint_as_their_defaults(tmp_path):
+    """A checkpoint written before a model setting existed resumes when the run keeps that setting's default,
+    and is refused when the run changes it."""
+    config = get_preset("tiny")
+    saved = config.to_dict()
+    del saved["num_kv_heads"], saved["expert_activation"]  # as an older ditmoe wrote it
+    checkpoint.check_resume_compatible({"model_config": saved}, config, tmp_path)
+    with pytest.raises(ValueError, match="expert_activation: checkpoint 'swiglu' vs now 'gelu'"):
+        checkpoint.check_resume_compatible({"model_config": saved}, config.replace(expert_activation="gelu"), tmp_path)
