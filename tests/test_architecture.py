@@ -8,8 +8,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ditmoe"
 # part -> the other parts of ditmoe it may import (a part is a subpackage or a top-level module)
 ALLOWED = {
     "model": set(),
-    "diffusion": set(),
-    "data": set(),
+    "diffusion": {"model"},
+    "data": {"model", "text"},
     "npz": set(),
     "cli": set(),
     "settings": set(),
@@ -19,11 +19,12 @@ ALLOWED = {
     "parallel": {"model", "weights"},
     "hf": {"model", "weights"},
     "inference": {"model", "checkpoint", "hf"},
-    "sampling": set(),
-    "eval": {"data", "diffusion", "inference", "npz", "sampling"},
-    "analysis": {"diffusion", "inference", "sampling"},
+    "sampling": {"model"},
+    "text": {"model"},
+    "eval": {"data", "diffusion", "inference", "model", "npz", "sampling", "text"},
+    "analysis": {"diffusion", "eval", "inference", "model", "sampling", "text"},
     "train": {"checkpoint", "cli", "config_file", "data", "diffusion", "eval", "inference", "model", "parallel",
-              "sampling", "settings", "weights"},
+              "sampling", "settings", "text", "weights"},
 }
 
 

@@ -150,7 +150,8 @@ def test_checkpoint_meta():
     config = TrainConfig(steps=7, ckpt_every=3)
     meta = Checkpointer(config, None, rank=0, world_size=4, zero_stage=3).meta(6, {"epoch": 1}, ema_shards=4)
     assert list(meta) == ["model_config", "train_config", "data", "rng", "world_size", "zero_stage", "step", "tag",
-                          "ema_shards"]
+                          "ema_shards", "text_encoder"]
+    assert meta["text_encoder"] is None  # class labels: no text encoder to record
     assert meta["tag"] == "step_00000006" and meta["data"] == {"epoch": 1} and meta["world_size"] == 4
     assert meta["model_config"] == config.model_config().to_dict() and meta["train_config"]["ckpt_every"] == 3
     assert torch.equal(torch.tensor(meta["rng"], dtype=torch.uint8), torch.get_rng_state())
