@@ -53,6 +53,9 @@ def build_parser():
     p.add_argument("--text-encoder", metavar="PATH_OR_ID",
                    help="text encoder for the prompts (default: the one the checkpoint's data was embedded with)")
     p.add_argument("--text-max-length", action=Positive, help="caption tokens (default: the checkpoint's)")
+    p.add_argument("--capacity-threshold", type=float, metavar="P",
+                   help="models with a capacity predictor: an expert takes a token when the predicted probability "
+                        "exceeds P (default: the model's capacity_threshold; higher: less compute)")
     return p
 
 

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields, replace
 ROUTINGS = ("token_choice", "expert_choice")
 MOE_PLACEMENTS = ("all", "every_other", "deep_half")
 EXPERT_ACTIVATIONS = ("swiglu", "gelu")
+ROUTING_POOLS = ("sample", "group", "batch")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,13 @@ class DiTConfig:
     shared_expert_ratio: float = 1.0  #: Shared expert hidden width / hidden_size.
     moe_placement: str = "all"  #: MoE blocks: 'all', 'every_other' (odd blocks) or 'deep_half' (the second half).
     balance_loss_alpha: float = 0.005  #: Token choice: weight of the load-balancing auxiliary loss (training only).
+    # Expert-choice routing pools and DiffMoE's capacity predictor (README "Model" explains the dependence of
+    # 'group'/'batch' results on the other samples of a pool, and the predictor's training).
+    routing_pool: str = "sample"  #: Expert choice picks top-C of: 'sample' (T tokens), 'group', 'batch' (micro-batch).
+    routing_group_size: int = 0  #: routing_pool='group': tokens per group, a multiple of T (whole samples).
+    capacity_predictor: bool = False  #: Expert choice: a per-layer predictor of the routing, used in eval mode.
+    capacity_threshold: float = 0.5  #: Capacity predictor: sampling threshold in [0, 1]; higher, fewer assignments.
+    capacity_predictor_weight: float = 1.0  #: Capacity predictor: weight of its loss in aux_loss (training only).
 
     def __post_init__(self):
         self._check_sizes()
@@ -68,6 +76,8 @@ class DiTConfig:
             raise ValueError(f"expert_activation={self.expert_activation!r} is not one of {EXPERT_ACTIVATIONS}")
         self._check_attention_heads()
         self._check_text()
+        self._check_routing_pool()
+        self._check_capacity_predictor()
 
     def _check_attention_heads(self):
         if self.num_kv_heads < 0 or (self.num_kv_heads and self.num_heads % self.num_kv_heads):
@@ -84,6 +94,31 @@ class DiTConfig:
                              f"(text-conditioned model) or both 0 (class-conditional model)")
         if self.pooled_text and not self.text_dim:
             raise ValueError("pooled_text=True needs a text-conditioned model (text_dim > 0)")
+
+    def _check_routing_pool(self):
+        """routing_pool is known; its group size is whole samples; pools other than 'sample' need expert choice."""
+        if self.routing_pool not in ROUTING_POOLS:
+            raise ValueError(f"routing_pool={self.routing_pool!r} is not one of {ROUTING_POOLS}")
+        if self.routing_pool == "group":
+            size, tokens = self.routing_group_size, self.num_tokens
+            if size <= 0 or size % tokens:
+                raise ValueError(f"routing_group_size={size} must be a positive multiple of the {tokens} image "
+                                 f"tokens of a sample (routing_pool='group' routes groups of whole samples)")
+        elif self.routing_group_size != 0:
+            raise ValueError(f"routing_group_size={self.routing_group_size} is only used with routing_pool='group' "
+                             f"(routing_pool={self.routing_pool!r}); leave it 0")
+        if self.num_experts and self.routing_pool != "sample" and self.routing != "expert_choice":
+            raise ValueError(f"routing_pool={self.routing_pool!r} needs routing='expert_choice' "
+                             f"(routing={self.routing!r} routes each token by itself)")
+
+    def _check_capacity_predictor(self):
+        """capacity_threshold in [0, 1], a non-negative loss weight; the predictor needs expert choice."""
+        if not (math.isfinite(self.capacity_threshold) and 0 <= self.capacity_threshold <= 1):
+            raise ValueError(f"capacity_threshold={self.capacity_threshold} must be in [0, 1]")
+        if not (math.isfinite(self.capacity_predictor_weight) and self.capacity_predictor_weight >= 0):
+            raise ValueError(f"capacity_predictor_weight={self.capacity_predictor_weight} must be >= 0")
+        if self.num_experts and self.capacity_predictor and self.routing != "expert_choice":
+            raise ValueError(f"capacity_predictor=True needs routing='expert_choice' (routing={self.routing!r})")
 
     def _check_sizes(self):
         """Sizes must be positive (experts and shared experts may be 0), before anything divides by them."""

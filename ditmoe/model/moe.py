@@ -8,6 +8,12 @@ With ``expert_activation="gelu"`` (EC-DiT) each expert is Linear(D, F) -> GELU(t
 biases: ``experts.up_proj (E, F, D)`` and ``experts.down_proj (E, D, F)``, and the shared experts are a
 bias-free :class:`GeluMLP` (``shared_experts.fc1``/``fc2``). (AutoEP's converters expect ``gate_up_proj``:
 they handle only the SwiGLU layout.)
+
+Expert choice routes over a routing pool (``config.routing_pool``): each sample, groups of samples, or the
+whole micro-batch. With ``config.capacity_predictor`` (DiffMoE) each layer also holds ``capacity_predictor``,
+an MLP trained alongside on the detached tokens to predict the pool routing's decisions; in eval mode it
+replaces the pool routing: a token goes to every expert whose predicted probability exceeds the layer's
+``capacity_threshold`` (:func:`set_capacity_threshold`), so the threshold trades compute for quality.
 """
 
 import math
@@ -22,7 +28,7 @@ from torch.utils.hooks import RemovableHandle
 from .config import DiTConfig
 from .grouped_gemm import grouped_linear, swiglu
 from .mlp import GeluMLP, SwiGLU
-from .routing import Routing, expert_capacity, expert_choice, token_choice
+from .routing import Routing, capacity_predictor_loss, pool_expert_choice, threshold_choice, token_choice
 
 
 class GroupedExperts(nn.Module):
@@ -73,6 +79,8 @@ def dispatch(x: torch.Tensor, routing: Routing, experts: GroupedExperts) -> torc
 
     x: (T, D). Returns (T, D).
     """
+    if routing.token_index.numel() == 0:  # only a capacity predictor's sampling routing: no expert took a token
+        return torch.zeros_like(x)
     order = torch.argsort(routing.expert_index, stable=True)  # (A,)
     token = routing.token_index[order]
     out = experts(x.index_select(0, token), routing.tokens_per_expert)  # (A, D)
@@ -89,8 +97,20 @@ def build_shared_experts(config: DiTConfig) -> nn.Module | None:
     return SwiGLU(config.hidden_size, config.shared_hidden)
 
 
+def build_capacity_predictor(config: DiTConfig) -> nn.Module | None:
+    """DiffMoE's capacity predictor, Linear(D, D) -> SiLU -> Linear(D, E), or None without one."""
+    if not config.capacity_predictor:
+        return None
+    d = config.hidden_size
+    return nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, config.num_experts))
+
+
 class MoEFeedForward(nn.Module):
-    """Routed experts plus shared experts; keeps the last forward's balance loss and expert load."""
+    """Routed experts plus shared experts; keeps the last forward's auxiliary loss and expert load.
+
+    ``aux_loss``: the balance loss (token choice) plus, with a capacity predictor, its weighted binary
+    cross-entropy (``predictor_loss``, also kept apart); both only in training mode, 0 in eval mode.
+    """
 
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -100,11 +120,18 @@ class MoEFeedForward(nn.Module):
         self.top_k = config.top_k
         self.norm_topk_prob = config.norm_topk_prob
         self.capacity_factor = config.capacity_factor
+        self.routing_pool = config.routing_pool
+        self.routing_group_size = config.routing_group_size
         self.alpha = config.balance_loss_alpha
         self.gate = nn.Linear(d, config.num_experts, bias=False)
         self.experts = GroupedExperts(config.num_experts, d, config.expert_hidden, config.expert_activation)
         self.shared_experts = build_shared_experts(config)
+        self.capacity_predictor = build_capacity_predictor(config)
+        #: Sampling-time threshold of the capacity predictor; None routes as in training (the pools).
+        self.capacity_threshold: float | None = config.capacity_threshold if config.capacity_predictor else None
+        self.predictor_weight = config.capacity_predictor_weight
         self.aux_loss: torch.Tensor | None = None
+        self.predictor_loss: torch.Tensor | None = None
         self.expert_counts: torch.Tensor | None = None
         self._routing_hooks: OrderedDict[int, Callable] = OrderedDict()
 
@@ -115,11 +142,25 @@ class MoEFeedForward(nn.Module):
         self._routing_hooks[handle.id] = hook
         return handle
 
+    def set_capacity_threshold(self, threshold: float | None) -> None:
+        """Sampling-time threshold of the capacity predictor in [0, 1] (higher: fewer assignments), or None
+        to route in eval mode as in training (the pools)."""
+        if self.capacity_predictor is None:
+            raise ValueError("this MoE layer has no capacity predictor (capacity_predictor=False)")
+        self.capacity_threshold = _check_threshold(threshold)
+
+    def uses_predictor_routing(self) -> bool:
+        """Whether a forward now routes by the capacity predictor's threshold (eval mode, threshold set)."""
+        return self.capacity_predictor is not None and not self.training and self.capacity_threshold is not None
+
     def route(self, x: torch.Tensor) -> Routing:
         """x: (N, T, D) -> assignments over the flattened (N*T) tokens."""
         logits = self.gate(x)  # (N, T, E)
         if self.routing == "expert_choice":
-            return expert_choice(logits, expert_capacity(self.capacity_factor, x.shape[1], self.num_experts))
+            if self.uses_predictor_routing():
+                predicted = self.capacity_predictor(x.detach()).reshape(-1, self.num_experts)
+                return threshold_choice(logits.reshape(-1, self.num_experts), predicted, self.capacity_threshold)
+            return pool_expert_choice(logits, self.capacity_factor, self.routing_pool, self.routing_group_size)
         alpha = self.alpha if self.training else 0.0
         return token_choice(logits.reshape(-1, self.num_experts), self.top_k, self.norm_topk_prob, alpha)
 
@@ -127,6 +168,11 @@ class MoEFeedForward(nn.Module):
         n, t, d = x.shape
         routing = self.route(x)
         self.aux_loss = routing.aux_loss
+        self.predictor_loss = None
+        if self.capacity_predictor is not None and self.training:
+            predicted = self.capacity_predictor(x.detach()).reshape(n * t, self.num_experts)  # (N*T, E)
+            self.predictor_loss = capacity_predictor_loss(predicted, routing)
+            self.aux_loss = self.aux_loss + self.predictor_weight * self.predictor_loss
         self.expert_counts = routing.tokens_per_expert.detach()
         for hook in self._routing_hooks.values():
             hook(self, routing, (n, t))
@@ -135,3 +181,25 @@ class MoEFeedForward(nn.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         return y.reshape(n, t, d)
+
+
+def _check_threshold(threshold: float | None) -> float | None:
+    if threshold is None:
+        return None
+    threshold = float(threshold)
+    if not (math.isfinite(threshold) and 0 <= threshold <= 1):
+        raise ValueError(f"capacity_threshold={threshold} must be in [0, 1] (or None: route as in training)")
+    return threshold
+
+
+def set_capacity_threshold(model: nn.Module, threshold: float | None) -> int:
+    """Set the sampling-time threshold of every capacity predictor in ``model`` (a DiT or one layer): in eval
+    mode a token goes to every expert whose predicted probability exceeds it (higher: fewer assignments, less
+    compute); None routes as in training. Returns the number of layers set; a ValueError without predictors."""
+    threshold = _check_threshold(threshold)
+    layers = [m for m in model.modules() if isinstance(m, MoEFeedForward) and m.capacity_predictor is not None]
+    if not layers:
+        raise ValueError("the model has no capacity predictor (capacity_predictor=False)")
+    for layer in layers:
+        layer.set_capacity_threshold(threshold)
+    return len(layers)

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-
 KINDS = ("t5", "clip")
 # Words the tiny CLIP tokenizer keeps whole, besides those of the digit captions.
 COMMON_WORDS = ("a", "an", "and", "black", "digit", "drawing", "image", "in", "is", "of", "on", "photo",

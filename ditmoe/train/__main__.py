@@ -35,6 +35,7 @@ def build_parser():
     p.add_argument("--ep-size", type=int, help=DOCS["ep_size"])
     p.add_argument("--activation-checkpointing", type=int, metavar="N", help=DOCS["activation_checkpointing"])
     p.add_argument("--resume", help=DOCS["resume"])
+    p.add_argument("--init-from", metavar="DIR", help=DOCS["init_from"])
     p.add_argument("--overwrite", action="store_true", default=None, help=DOCS["overwrite"])
     p.add_argument("--resume-universal", action="store_true", default=None, help=DOCS["resume_universal"])
     p.add_argument("--deepspeed-config", metavar="FILE", help=DOCS["deepspeed_config"])
@@ -46,7 +47,7 @@ def build_parser():
 
 FLAG_FIELDS = (
     "preset", "out", "data", "steps", "global_batch_size", "micro_batch_size", "seed", "objective", "precision",
-    "zero_stage", "ep_size", "activation_checkpointing", "resume", "overwrite", "resume_universal",
+    "zero_stage", "ep_size", "activation_checkpointing", "resume", "init_from", "overwrite", "resume_universal",
     "deepspeed_config",
 )
 

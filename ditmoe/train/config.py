@@ -39,6 +39,7 @@ class TrainConfig:
     compile: bool = False  #: Compile each transformer block with torch.compile (regional compilation).
     deepspeed_config: str | None = None  #: DeepSpeed JSON config file; batch sizes are filled in from these settings.
     resume: str | None = None  #: Checkpoint to resume from: 'auto' (newest complete one in out, if any) or a directory.
+    init_from: str | None = None  #: Start from the weights of a tools/upcycle.py folder (fresh optimizer, step 0).
     overwrite: bool = False  #: Start over in an out that holds a run: delete its checkpoints, metrics and events first.
     resume_universal: bool = False  #: Resume through DeepSpeed's universal checkpoint (another world or EP size).
     log_every: int = 10  #: Steps between metrics records.
@@ -66,6 +67,9 @@ class TrainConfig:
         for name in ("ema_decay", "adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
+        if self.init_from is not None and self.resume is not None:
+            raise ValueError("init_from and resume exclude each other: --init-from starts a run from weights, "
+                             "--resume continues one")
         if self.resume is not None and self.overwrite:
             raise ValueError("overwrite and resume exclude each other: --overwrite starts over, --resume continues")
 

@@ -29,6 +29,7 @@ from .config import TrainConfig, write_run_config
 from .data import build_loader
 from .divergence import DivergenceGuard, check_finite_weights
 from .ema import EMA
+from .init_from import load_init_weights
 from .metrics import MetricsWriter, expert_load_stats
 from .preemption import PreemptionGuard
 from .resume import Resume
@@ -140,6 +141,8 @@ class Trainer:
         config = self.config
         torch.manual_seed(config.seed)
         model = DiT(self.model_config).to(self.device)
+        if config.init_from:  # e.g. an upcycled dense checkpoint: weights only, before any wrapping
+            model.load_state_dict(load_init_weights(config.init_from, self.model_config))
         if config.compile:  # inside the checkpointing wrapper, so recomputation runs the compiled code too
             apply_compile(model, zero3=self.zero_stage == 3,
                           checkpointed=checkpointed_blocks(len(model.blocks), config.activation_checkpointing))

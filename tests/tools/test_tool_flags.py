@@ -6,7 +6,8 @@ import pytest
 
 from conftest import load_tool
 
-TOOLS = ["analyze_routing", "convert_ckpt_to_hf", "evaluate", "model_card", "plan", "precompute_latents", "sample"]
+TOOLS = ["analyze_routing", "convert_ckpt_to_hf", "evaluate", "model_card", "plan", "precompute_latents", "sample",
+         "upcycle"]
 
 
 @pytest.mark.parametrize("name", TOOLS)
