@@ -111,14 +111,10 @@ def read_dit_file(path: Path) -> dict:
     """A facebookresearch DiT .pt: a bare state dict, or one under "ema"/"model"/"state_dict"/"module"."""
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path}: no such file")
-    state = safe_load(path)
-    for key in ("ema", "model", "state_dict", "module"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict) or "x_embedder.proj.weight" not in state:
-        raise ValueError(f"checkpoint {path}: no DiT state dict in it (missing 'x_embedder.proj.weight')")
-    return {key.removeprefix("module."): value for key, value in state.items()}
+    try:
+        return dit.unwrap_state_dict(safe_load(path), path)
+    except KeyError as err:
+        raise ValueError(str(err.args[0])) from None
 
 
 def load_source(args) -> tuple[dict, DiTConfig, dict]:

@@ -27,13 +27,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ValueError(f"checkpoint {path}: not a readable PyTorch file ({err})") from err
-    for key in ("ema", "model", "state_dict", "module"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict) or "x_embedder.proj.weight" not in state:
-        raise KeyError(f"checkpoint {path}: no DiT state dict in it (missing 'x_embedder.proj.weight')")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    return dit.unwrap_state_dict(state, path)
 
 
 def infer_config(state: dict[str, torch.Tensor], source: str, *, num_heads: int | None = None,

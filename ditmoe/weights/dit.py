@@ -46,3 +46,15 @@ def _reject_experts(state: dict[str, torch.Tensor]) -> None:
     experts = sorted(key for key in state if MOE_KEY.match(key))
     if experts:
         raise KeyError(f"unexpected keys for this architecture: {experts[:8]}")
+
+
+def unwrap_state_dict(state, path) -> dict:
+    """The DiT state dict in a loaded facebookresearch/published ``.pt`` (``path``, for messages): the object
+    itself or the dict under "ema"/"model"/"state_dict"/"module" (EMA first), "module." prefixes removed."""
+    for key in ("ema", "model", "state_dict", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or "x_embedder.proj.weight" not in state:
+        raise KeyError(f"checkpoint {path}: no DiT state dict in it (missing 'x_embedder.proj.weight')")
+    return {key.removeprefix("module."): value for key, value in state.items()}
