@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ditmoe.model import DiT, get_preset
+from ditmoe.parallel.distributed import shutdown_distributed
 
 STEPS, GLOBAL_BATCH, MICRO_BATCH, LR = 5, 8, 2, 3e-3
 
@@ -123,6 +124,9 @@ def main(out: str, runs: list[str]):
         result = distributed(zero, ep)
         if dist.get_rank() == 0:
             torch.save(result, f"{out}/z{zero}_ep{ep}.pt")
+    shutdown_distributed()  # barrier, then exit without gloo's teardown, which aborts a rank now and then
+
+
 
 
 if __name__ == "__main__":
