@@ -12,9 +12,7 @@ text-conditioned) and keeps, for every sampling step and MoE layer, each token's
 returns an :class:`AdaptiveCompute` with the generated samples.
 """
 
-import inspect
 from dataclasses import dataclass, fields
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +22,7 @@ from ..model.conditioning import Condition
 from ..model.conditioning import batch_size as batch_size_of
 from ..model.routing import expert_capacity
 from ..sampling import generate, num_batches
+from .hooks import MoEHookRecorder
 
 
 @dataclass
@@ -173,7 +172,7 @@ def assignments_per_sample(config) -> tuple[int, int]:
     return 0, config.top_k * t
 
 
-class ExpertsPerTokenRecorder:
+class ExpertsPerTokenRecorder(MoEHookRecorder):
     """Context manager keeping how many experts took each image token, per model call and MoE layer.
 
     Call :meth:`start_run` with the number of samples before each sampler run: its k-th model call is step
@@ -183,33 +182,12 @@ class ExpertsPerTokenRecorder:
     """
 
     def __init__(self, model: torch.nn.Module):
-        cfg = model.config
-        self.layers = model.moe_layers()
-        if not self.layers:
-            raise ValueError("the model has no MoE layers (num_experts=0): no routing to analyse")
-        for layer in self.layers:
-            if not hasattr(layer, "register_routing_hook"):
-                raise TypeError(f"{type(layer).__name__} has no register_routing_hook (only MoEFeedForward layers)")
-        self.model, self.config = model, cfg
-        self._signature = inspect.signature(model.forward)
-        self.layer_blocks = [i for i in range(cfg.depth) if cfg.moe_in_block(i)]
-        self._handles = []
+        super().__init__(model)
         self._current: list[list[torch.Tensor | None]] | None = None  # step -> layer -> (n_call, T) of this run
         self._finished: list[np.ndarray] = []  # per finished run (S, L, n_call, T) int16, on the CPU
         self._run_samples: list[int] = []
         self._timesteps: list[float] = []  # of the first run
         self._step = 0
-
-    def __enter__(self) -> "ExpertsPerTokenRecorder":
-        self._handles.append(self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
-        for i, layer in enumerate(self.layers):
-            self._handles.append(layer.register_routing_hook(partial(self._on_routing, i)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
 
     def start_run(self, num_samples: int) -> None:
         """The next model call is step 0 of a sampler run on ``num_samples`` samples."""

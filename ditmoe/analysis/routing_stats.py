@@ -10,13 +10,13 @@ Frequencies are assignments / tokens seen: for top-k token choice every token ma
 under expert choice a token gets 0..E experts, which ``coverage`` counts.
 """
 
-import inspect
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .hooks import MoEHookRecorder
 
 FACTORS = ("class", "position", "step")
 
@@ -143,21 +143,12 @@ def _floats(values: np.ndarray) -> list[float]:
     return [round(float(v), 6) for v in values]
 
 
-class RoutingRecorder:
+class RoutingRecorder(MoEHookRecorder):
     """Context manager counting a DiT's expert assignments; ``stats()`` returns a :class:`RoutingStats`."""
 
     def __init__(self, model: torch.nn.Module):
-        cfg = model.config
-        self.layers = model.moe_layers()
-        if not self.layers:
-            raise ValueError("the model has no MoE layers (num_experts=0): no routing to analyse")
-        for layer in self.layers:
-            if not hasattr(layer, "register_routing_hook"):
-                raise TypeError(f"{type(layer).__name__} has no register_routing_hook (only MoEFeedForward layers)")
-        self.model = model
-        self.config = cfg
-        self._signature = inspect.signature(model.forward)
-        self.layer_blocks = [i for i in range(cfg.depth) if cfg.moe_in_block(i)]
+        super().__init__(model)
+        cfg = self.config
         num_layers, k, e, t = len(self.layers), cfg.num_classes, cfg.num_experts, cfg.num_tokens
         device = model.pos_embed.device
         self._by_class = torch.zeros(num_layers, k + 1, e, dtype=torch.int64, device=device)
@@ -169,20 +160,8 @@ class RoutingRecorder:
         self._coverage: list[torch.Tensor] = []  # per step (L, E+1)
         self._tokens_by_step: list[int] = []
         self._timesteps: list[float] = []
-        self._handles = []
         self._step = 0
         self._labels: torch.Tensor | None = None  # (N,) labels of the current model call
-
-    def __enter__(self) -> "RoutingRecorder":
-        self._handles.append(self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
-        for i, layer in enumerate(self.layers):
-            self._handles.append(layer.register_routing_hook(partial(self._on_routing, i)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
 
     def start_run(self) -> None:
         """The next model call is step 0 of a new sampler run."""

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from random_weights import randomized
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -25,15 +26,6 @@ EC = get_preset("tiny-ec")  # 16 image tokens, 4 experts, capacity factor 2, Swi
 T = EC.num_tokens
 NEW_KEYS = ("routing_pool", "routing_group_size", "capacity_predictor", "capacity_threshold",
             "capacity_predictor_weight")
-
-
-def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every parameter N(0, 0.1²): leaves the zero initialisations so every path changes the output."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return model
 
 
 def make_model(config: DiTConfig, seed: int = 0) -> DiT:

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from random_weights import randomized
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -22,15 +23,6 @@ from ditmoe.parallel.activation_checkpointing import apply_activation_checkpoint
 
 TINY = get_preset("EC-DiT-tiny")
 NEW_KEYS = ("text_dim", "text_len", "num_kv_heads", "expert_activation", "pooled_text")
-
-
-def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every parameter N(0, 0.1²): leaves the zero initialisations so every path changes the output."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return model
 
 
 def make_model(config: DiTConfig = TINY, seed: int = 0) -> DiT:
