@@ -46,7 +46,7 @@ def autoep_config(ep_size: int, model_config: DiTConfig, *, grouped_mm: bool | N
     }
 
 
-def validate_ep(ep_size: int, num_experts: int, world_size: int, routing: str, zero_stage: int,
+def validate_ep(ep_size: int, num_experts: int, world_size: int, zero_stage: int,
                 zero_config: dict | None = None) -> None:
     """Raise a ValueError for an expert-parallel layout DeepSpeed AutoEP (or ditmoe) cannot run.
 
@@ -60,9 +60,6 @@ def validate_ep(ep_size: int, num_experts: int, world_size: int, routing: str, z
         return
     if num_experts == 0:
         raise ValueError(f"ep_size={ep_size} needs a mixture-of-experts model, but num_experts=0 (dense)")
-    if routing == "expert_choice":
-        raise ValueError(f"expert parallelism (ep_size={ep_size}) with expert_choice routing is not supported yet; "
-                         "use ep_size=1 (ZeRO-1/2/3 without EP) or token_choice routing")
     if num_experts % ep_size:
         divisors = [d for d in range(1, num_experts + 1) if num_experts % d == 0]
         raise ValueError(f"ep_size={ep_size} does not divide num_experts={num_experts}; choose one of {divisors}")
@@ -73,6 +70,19 @@ def validate_ep(ep_size: int, num_experts: int, world_size: int, routing: str, z
         raise ValueError("DeepSpeed AutoEP with ZeRO-3 does not support zero_quantized_gradients")
     if zero_stage == 3 and zero_config.get("zero_hpz_partition_size", 1) > 1:
         raise ValueError("DeepSpeed AutoEP with ZeRO-3 does not support hpZ (zero_hpz_partition_size > 1)")
+
+
+def check_ep_model(ep_size: int, model_config: DiTConfig) -> None:
+    """Raise a ValueError for a model expert parallelism cannot hold: AutoEP's experts are SwiGLU (gated) only,
+    and its layer replaces the whole MoE module, which would drop a capacity predictor."""
+    if ep_size == 1:
+        return
+    if model_config.expert_activation != "swiglu":
+        raise ValueError(f"expert parallelism (ep_size={ep_size}) runs through DeepSpeed AutoEP, whose experts are "
+                         f"SwiGLU only: expert_activation={model_config.expert_activation!r} needs ep_size=1")
+    if model_config.capacity_predictor:
+        raise ValueError(f"expert parallelism (ep_size={ep_size}) does not hold a capacity predictor (AutoEP replaces "
+                         "the whole MoE module): capacity_predictor=true needs ep_size=1")
 
 
 def moe_param_groups(model: torch.nn.Module, ep_size: int, zero_stage: int) -> list[dict]:

@@ -24,6 +24,7 @@ from ..model import DiT, DiTConfig
 from ..model.card import attention_macs, count_parameters, experts_per_token, linear_macs
 from ..model.moe import GroupedExperts
 from .activation_checkpointing import checkpointed_blocks
+from .expert_parallel import check_ep_model
 
 PERSISTENT = ("parameters", "gradients", "optimizer", "ema")  # what outlives a step, present at a checkpoint
 
@@ -70,8 +71,7 @@ def check_layout(config: DiTConfig, layout: Layout):
         return
     if not config.is_moe:
         raise ValueError(f"--ep-size {layout.ep_size} needs a mixture-of-experts preset; this one is dense")
-    if config.routing == "expert_choice":
-        raise ValueError(f"--ep-size {layout.ep_size}: expert parallelism supports token-choice routing only")
+    check_ep_model(layout.ep_size, config)
     if config.num_experts % layout.ep_size:
         raise ValueError(f"--ep-size {layout.ep_size} does not divide the number of experts ({config.num_experts})")
     if layout.world % layout.ep_size:
@@ -233,7 +233,7 @@ def backward_workspace_bytes(config: DiTConfig, layout: Layout) -> float:
         return b * split["tensor_dense"]
     tokens = layout.micro_batch * config.num_tokens
     ffn = ffn_activation_bytes(config, tokens, b, True)
-    swiglu = 2 * b * tokens * experts_per_token(config) * config.expert_hidden
+    swiglu = 2 * b * tokens * experts_per_token(config, layout.micro_batch) * config.expert_hidden
     return max(b * split["tensor_dense"], b * split["tensor_expert"] / layout.ep_size - ffn / 2, swiglu)
 
 
@@ -260,7 +260,8 @@ def communication_per_gpu(config: DiTConfig, layout: Layout) -> dict[str, float]
 
     moe_blocks = [i for i in range(config.depth) if config.moe_in_block(i)]
     tokens = layout.micro_batch * config.num_tokens
-    per_pass = tokens * experts_per_token(config) * config.hidden_size * b * ring(layout.ep_size) * 2
+    routed = tokens * experts_per_token(config, layout.micro_batch)  # rows sent per dispatch (C per expert and pool)
+    per_pass = routed * config.hidden_size * b * ring(layout.ep_size) * 2
     all_to_all = sum(per_pass * (3 if i in chosen else 2) for i in moe_blocks) if layout.ep_size > 1 else 0.0
     dense_bytes = b * split["dense"] * ring(world)
     expert_bytes = b * split["expert"] / layout.ep_size * ring(layout.expert_dp)

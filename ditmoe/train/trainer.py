@@ -22,7 +22,8 @@ from ..parallel import engine as ds_engine
 from ..parallel.activation_checkpointing import apply_activation_checkpointing, checkpointed_blocks
 from ..parallel.compile import apply_compile
 from ..parallel.distributed import init_distributed, on_rank0
-from ..parallel.expert_parallel import attach_balance_loss, autoep_config, moe_param_groups, validate_ep
+from ..parallel.expert_choice_ep import use_expert_choice
+from ..parallel.expert_parallel import attach_balance_loss, autoep_config, check_ep_model, moe_param_groups, validate_ep
 from ..parallel.planner import fitting_zero_stage
 from .checkpointer import Checkpointer
 from .config import TrainConfig, write_run_config
@@ -87,10 +88,8 @@ def build_deepspeed_config(config: TrainConfig, model_config: DiTConfig, world: 
             precision="bf16" if ds_engine.uses_bf16(ds_config) else "fp32", ep_size=config.ep_size,
             device_bytes=device_bytes)
     zero = ds_config["zero_optimization"]
-    if config.ep_size > 1 and model_config.expert_activation != "swiglu":
-        raise ValueError(f"expert parallelism (ep_size={config.ep_size}) runs through DeepSpeed AutoEP, whose experts "
-                         f"are SwiGLU only: expert_activation={model_config.expert_activation!r} needs ep_size=1")
-    validate_ep(config.ep_size, model_config.num_experts, world, model_config.routing, zero["stage"], zero)
+    check_ep_model(config.ep_size, model_config)
+    validate_ep(config.ep_size, model_config.num_experts, world, zero["stage"], zero)
     if ds_config.get("expert_parallel", {}).get("enabled") and config.ep_size == 1:
         raise ValueError(f"--deepspeed-config {config.deepspeed_config} enables expert_parallel: pass --ep-size N > 1")
     ds_config["expert_parallel"] = {**ds_config.get("expert_parallel", {}),
@@ -153,7 +152,10 @@ class Trainer:
             (config.adam_beta1, config.adam_beta2), cpu_offload=ds_engine.offloads_optimizer(self.ds_config),
         )
         self.engine, self.optimizer = ds_engine.initialize(model, optimizer, self.ds_config)
-        attach_balance_loss(self.engine.module)
+        if self.model_config.routing == "expert_choice":
+            use_expert_choice(self.engine.module, self.model_config)  # AutoEP layers (EP > 1) routed by expert choice
+        else:
+            attach_balance_loss(self.engine.module)
         self.ema = EMA(self.engine.module, config.ema_decay)
         self.dtype = torch.bfloat16 if ds_engine.uses_bf16(self.ds_config) else torch.float32
 
