@@ -1,9 +1,13 @@
-"""MoE layer vs a dense SwiGLU MLP of equal activated FLOPs: forward+backward time, side by side.
+"""MoE layer vs a dense MLP of equal activated FLOPs: forward+backward time, side by side.
 
-The dense baseline has width k·F + shared width (F = 4·D), so it does the same multiply-accumulates per
-token as the MoE layer's routed and shared experts; the ratio shows the cost of routing and dispatch.
+The dense baseline is an MLP of the experts' activation (SwiGLU, or GELU for GELU experts) of width
+(experts per token)·F + shared width (F = 4·D), so it does the same multiply-accumulates per token as the MoE
+layer's routed and shared experts; the ratio shows the cost of routing and dispatch. Rows: the DiT-MoE presets
+(token choice top-2), then the routing variants at S width with 8 experts: expert choice (capacity factor 2,
+i.e. 2 experts per token on average) over each sample, groups of 4 samples and the whole call, and GELU experts.
 
     python benchmarks/moe_layer.py [--tokens 2048] [--repeats 10] [--threads N] [--device cuda] [--dtype bf16]
+        [--rows presets|variants|all]
 """
 
 import argparse
@@ -12,8 +16,9 @@ import time
 
 import torch
 
-from ditmoe.model import get_preset
-from ditmoe.model.mlp import SwiGLU
+from ditmoe.model import DiTConfig, get_preset
+from ditmoe.model.card import experts_per_token
+from ditmoe.model.mlp import GeluMLP, SwiGLU
 from ditmoe.model.moe import MoEFeedForward
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -30,6 +35,30 @@ def fwd_bwd_seconds(layer: torch.nn.Module, x: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
+def rows(which: str) -> list[tuple[str, DiTConfig]]:
+    """(name, model config) of the layers to time."""
+    presets = [(name, get_preset(name)) for name in
+               ("DiT-MoE-S/2-8E2A", "DiT-MoE-S/2-16E2A", "DiT-MoE-B/2-8E2A", "DiT-MoE-B/2-16E2A")]
+    s = get_preset("DiT-MoE-S/2-8E2A")
+    ec = s.replace(routing="expert_choice", capacity_factor=2.0)
+    variants = [
+        ("S-8E expert choice", ec),
+        ("S-8E EC group of 4", ec.replace(routing_pool="group", routing_group_size=4 * s.num_tokens)),
+        ("S-8E EC batch", ec.replace(routing_pool="batch")),
+        ("S-8E GELU top-2", s.replace(expert_activation="gelu")),
+        ("S-8E GELU EC", ec.replace(expert_activation="gelu")),
+    ]
+    return {"presets": presets, "variants": variants, "all": presets + variants}[which]
+
+
+def dense_equivalent(cfg: DiTConfig, batch: int) -> torch.nn.Module:
+    """A dense MLP of the experts' activation doing the routed and shared experts' work per token."""
+    width = round(experts_per_token(cfg, batch) * cfg.expert_hidden) + cfg.shared_hidden
+    if cfg.expert_activation == "gelu":
+        return GeluMLP(cfg.hidden_size, width, bias=False)
+    return SwiGLU(cfg.hidden_size, width)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=2048, help="tokens per call (8 images of 256 tokens)")
@@ -37,18 +66,19 @@ def main():
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--rows", choices=["presets", "variants", "all"], default="all")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     print(f"{args.tokens} tokens, {args.threads} threads, median of {args.repeats} forward+backward, "
           f"{device.type} {args.dtype}")
-    print(f"{'preset':<20} {'moe ms':>8} {'dense ms':>9} {'ratio':>6}")
-    for name in ("DiT-MoE-S/2-8E2A", "DiT-MoE-S/2-16E2A", "DiT-MoE-B/2-8E2A", "DiT-MoE-B/2-16E2A"):
-        cfg = get_preset(name)
+    print(f"{'layer':<20} {'moe ms':>8} {'dense ms':>9} {'ratio':>6}")
+    for name, cfg in rows(args.rows):
+        batch = args.tokens // cfg.num_tokens
         moe = MoEFeedForward(cfg).train().to(device, dtype)
-        dense = SwiGLU(cfg.hidden_size, cfg.top_k * cfg.expert_hidden + cfg.shared_hidden).to(device, dtype)
-        x = torch.randn(args.tokens // cfg.num_tokens, cfg.num_tokens, cfg.hidden_size, device=device, dtype=dtype)
+        dense = dense_equivalent(cfg, batch).to(device, dtype)
+        x = torch.randn(batch, cfg.num_tokens, cfg.hidden_size, device=device, dtype=dtype)
         for _ in range(2):  # warm-up
             fwd_bwd_seconds(moe, x), fwd_bwd_seconds(dense, x)
         moe_t, dense_t = [], []

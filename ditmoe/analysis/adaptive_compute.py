@@ -31,8 +31,9 @@ class AdaptiveCompute:
 
     routing: str  # "expert_choice" or "token_choice"
     num_experts: int  # E
-    capacity: int  # C: tokens each expert takes per sample (expert choice); 0 for token choice
-    assignments_per_sample: int  # (token, expert) assignments per sample and layer: E·C, or top_k·T
+    capacity: int  # C: tokens each expert takes per sample (expert choice per sample); 0 otherwise
+    assignments_per_sample: int  # (token, expert) assignments per sample and layer: E·C, or top_k·T; 0 when a
+    # routing pool spans samples (group, batch): a sample's share then varies (``experts_per_token_per_sample``)
     layer_blocks: np.ndarray  # (L,) block index of each MoE layer
     step_timesteps: np.ndarray  # (S,) model timestep of each sampling step
     experts_per_token: np.ndarray  # (S, L, N, g, g) int16: experts that processed each token (conditional pass)
@@ -99,6 +100,7 @@ class AdaptiveCompute:
         unprocessed fraction."""
         fraction = self.unprocessed_fraction()
         coverage = self.coverage().mean(axis=0)  # (L, E+1)
+        per_sample = self.experts_per_token.mean(axis=(3, 4))  # (S, L, N) a sample's mean experts per token
         layers = []
         for i, block in enumerate(self.layer_blocks):
             counts = self.experts_per_token[:, i]
@@ -109,6 +111,8 @@ class AdaptiveCompute:
                 "unprocessed_fraction_max": _round(fraction[:, i].max()),
                 "experts_per_token_mean": _round(counts.mean()),
                 "experts_per_token_max": int(counts.max()),
+                "experts_per_token_per_sample": {"min": _round(per_sample[:, i].min()),
+                                                 "max": _round(per_sample[:, i].max())},
                 "coverage": [_round(v) for v in coverage[i]],
             })
         summary = {
@@ -164,8 +168,11 @@ def pick_steps(num_steps: int, count: int) -> list[int]:
 
 
 def assignments_per_sample(config) -> tuple[int, int]:
-    """(C, assignments per sample and layer) of an MoE model config: (C, E·C) for expert choice, (0, k·T) else."""
+    """(C, assignments per sample and layer) of an MoE model config: (C, E·C) for expert choice per sample, (0, k·T)
+    for token choice, (0, 0) for pools spanning samples (a sample's share depends on the others)."""
     t, e = config.num_tokens, config.num_experts
+    if config.routing == "expert_choice" and config.routing_pool != "sample":
+        return 0, 0
     if config.routing == "expert_choice":
         c = expert_capacity(config.capacity_factor, t, e)
         return c, e * c

@@ -8,6 +8,11 @@ assignment by class, by patch position and by sampling step. The k-th model call
 
 Frequencies are assignments / tokens seen: for top-k token choice every token makes k assignments;
 under expert choice a token gets 0..E experts, which ``coverage`` counts.
+
+Routing pools (``routing_pool``: each sample, groups of samples, the whole model call) are counted too: the
+tokens each expert took in each pool (exactly C per pool for expert choice in training; varying for token choice
+and for a capacity predictor's threshold) and each sample's experts per token (the same for every sample with
+per-sample expert choice; spread over the samples of a pool with group and batch pools).
 """
 
 from dataclasses import asdict, dataclass
@@ -16,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..model.routing import pool_sizes
 from .hooks import MoEHookRecorder
 
 FACTORS = ("class", "position", "step")
@@ -26,6 +32,8 @@ class RoutingStats:
     """Assignment and token counts of one analysis, as numpy arrays (L MoE layers, E experts)."""
 
     routing: str  # "token_choice" or "expert_choice"
+    routing_pool: str  # "sample", "group" or "batch"
+    routing_group_size: int  # tokens per group pool (0 unless routing_pool="group")
     num_classes: int  # K; index K of the class axis is the null (unconditional) label
     grid_size: int  # the T patch positions form a grid_size x grid_size grid, row-major
     layer_blocks: np.ndarray  # (L,) block index of each MoE layer
@@ -38,6 +46,11 @@ class RoutingStats:
     tokens_by_class: np.ndarray  # (K+1,) tokens seen (the same in every layer)
     tokens_by_position: np.ndarray  # (T,)
     tokens_by_step: np.ndarray  # (S,)
+    pools: np.ndarray  # (P,) tokens of every routing pool seen, in order (the same pools in every layer)
+    pool_expert_min: np.ndarray  # (L,) fewest tokens an expert took in one pool
+    pool_expert_max: np.ndarray  # (L,) most tokens an expert took in one pool
+    sample_experts_min: np.ndarray  # (L,) lowest mean experts per token of one sample
+    sample_experts_max: np.ndarray  # (L,) highest mean experts per token of one sample
 
     @property
     def num_experts(self) -> int:
@@ -74,6 +87,7 @@ class RoutingStats:
         load = self.total / np.maximum(self.total.sum(axis=1, keepdims=True), 1)  # (L, E)
         coverage = self.coverage.sum(axis=1) / max(self.num_tokens, 1)  # (L, E+1)
         overall = self.overall_frequency()
+        pools, e = max(len(self.pools), 1), self.num_experts
         ranges = {f: self.frequency_range(f) for f in FACTORS}
         for i, block in enumerate(self.layer_blocks):
             layer = {
@@ -83,6 +97,12 @@ class RoutingStats:
                 "load_max_over_mean": round(float(load[i].max() * self.num_experts), 6),
                 "experts_per_token": round(float(overall[i].sum()), 6),
                 "coverage": _floats(coverage[i]),
+                "tokens_per_expert_per_pool": {"min": int(self.pool_expert_min[i]),
+                                               "mean": round(float(self.total[i].sum()) / pools / e, 6),
+                                               "max": int(self.pool_expert_max[i])},
+                "experts_per_token_per_sample": {"min": round(float(self.sample_experts_min[i]), 6),
+                                                 "mean": round(float(overall[i].sum()), 6),
+                                                 "max": round(float(self.sample_experts_max[i]), 6)},
             }
             for factor in FACTORS:
                 layer[f"{factor}_range"] = _floats(ranges[factor][i])
@@ -90,6 +110,10 @@ class RoutingStats:
             layers.append(layer)
         return {
             "routing": self.routing,
+            "routing_pool": self.routing_pool,
+            "routing_group_size": self.routing_group_size,
+            "pools": len(self.pools),
+            "pool_tokens": sorted({int(size) for size in self.pools}),
             "num_experts": self.num_experts,
             "num_classes": self.num_classes,
             "grid_size": self.grid_size,
@@ -162,6 +186,10 @@ class RoutingRecorder(MoEHookRecorder):
         self._timesteps: list[float] = []
         self._step = 0
         self._labels: torch.Tensor | None = None  # (N,) labels of the current model call
+        self._pools: list[int] = []  # tokens of every pool seen (recorded at the first layer)
+        big = torch.iinfo(torch.int64).max
+        self._pool_extremes = torch.tensor([[big, 0]] * num_layers, device=device)  # (L, 2) min, max
+        self._sample_extremes = torch.tensor([[float("inf"), 0.0]] * num_layers, dtype=torch.float64, device=device)
 
     def start_run(self) -> None:
         """The next model call is step 0 of a new sampler run."""
@@ -205,6 +233,21 @@ class RoutingRecorder(MoEHookRecorder):
         self._by_step[step][layer] += per_expert
         experts_per_token = torch.bincount(token, minlength=n * t)  # (N*T,)
         self._coverage[step][layer] += torch.bincount(experts_per_token, minlength=e + 1)
+        self._record_pools(layer, token, expert, n, t)
+
+    def _record_pools(self, layer: int, token: torch.Tensor, expert: torch.Tensor, n: int, t: int) -> None:
+        """Tokens per expert in each routing pool, experts per token of each sample: their extremes so far."""
+        e, cfg = self.config.num_experts, self.config
+        sizes = pool_sizes(cfg.routing_pool, cfg.routing_group_size, n, t)
+        if layer == 0:
+            self._pools.extend(sizes)
+        ends = torch.tensor(sizes, device=token.device).cumsum(0)  # (P,) end token of each pool
+        pool = torch.bucketize(token, ends, right=True)  # (A,) pool of each assignment
+        per_pool = torch.bincount(pool * e + expert, minlength=len(sizes) * e)  # (P*E,)
+        per_sample = torch.bincount(token // t, minlength=n).double() / t  # (N,) mean experts per token
+        for extremes, values in ((self._pool_extremes[layer], per_pool), (self._sample_extremes[layer], per_sample)):
+            extremes[0] = torch.minimum(extremes[0], values.min())
+            extremes[1] = torch.maximum(extremes[1], values.max())
 
     def stats(self) -> RoutingStats:
         """The counts so far, on the CPU."""
@@ -213,6 +256,8 @@ class RoutingRecorder(MoEHookRecorder):
         cfg = self.config
         return RoutingStats(
             routing=cfg.routing,
+            routing_pool=cfg.routing_pool,
+            routing_group_size=cfg.routing_group_size,
             num_classes=cfg.num_classes,
             grid_size=cfg.input_size // cfg.patch_size,
             layer_blocks=np.array(self.layer_blocks, dtype=np.int64),
@@ -225,4 +270,9 @@ class RoutingRecorder(MoEHookRecorder):
             tokens_by_class=self._tokens_by_class.cpu().numpy(),
             tokens_by_position=self._tokens_by_position.cpu().numpy(),
             tokens_by_step=np.array(self._tokens_by_step, dtype=np.int64),
+            pools=np.array(self._pools, dtype=np.int64),
+            pool_expert_min=self._pool_extremes[:, 0].cpu().numpy(),
+            pool_expert_max=self._pool_extremes[:, 1].cpu().numpy(),
+            sample_experts_min=self._sample_extremes[:, 0].cpu().numpy(),
+            sample_experts_max=self._sample_extremes[:, 1].cpu().numpy(),
         )

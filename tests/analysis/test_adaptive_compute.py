@@ -101,6 +101,22 @@ def test_counts_obey_the_capacity_with_and_without_guidance(config, c):
         torch.testing.assert_close(samples, expected, rtol=0, atol=0)
 
 
+def test_batch_pool_spreads_compute_over_the_samples():
+    """With DiffMoE's batch pool the E·C(pool) assignments of a model call are shared unevenly by its samples:
+    no fixed per-sample capacity is reported, and the per-sample range shows the spread (per-sample pools: none)."""
+    model, objective = text_model(EC_TINY.replace(routing_pool="batch")), ddpm()
+    ac, _ = record_adaptive_compute(model, objective, random_captions(4), sampler="ddim", steps=STEPS, seed=0)
+    assert (ac.capacity, ac.assignments_per_sample) == (0, 0)
+    total = expert_capacity(EC_TINY.capacity_factor, 4 * EC_TINY.num_tokens, EC_TINY.num_experts) * 4
+    assert (ac.experts_per_token.sum(axis=(2, 3, 4)) == total).all()  # per step and layer: E·C of the pool
+    spread = ac.summary()["layers"][0]["experts_per_token_per_sample"]
+    assert spread["min"] < spread["max"]
+    per_sample, _ = record_adaptive_compute(text_model(EC_TINY), objective, random_captions(4), sampler="ddim",
+                                            steps=STEPS, seed=0)
+    spread = per_sample.summary()["layers"][0]["experts_per_token_per_sample"]
+    assert spread["min"] == spread["max"] == 4 * per_sample.capacity / EC_TINY.num_tokens
+
+
 def test_count_map_equals_recomputation_from_router_scores():
     """At one sampling step, the count map is each expert's top-C tokens of its softmax router scores, counted."""
     model, objective = text_model(EC_TINY_C4), ddpm()

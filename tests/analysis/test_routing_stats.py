@@ -6,8 +6,9 @@ import torch
 
 from ditmoe.analysis import RoutingRecorder, RoutingStats
 from ditmoe.diffusion import build_objective
-from ditmoe.model import DiT, get_preset
-from ditmoe.model.routing import expert_capacity
+from ditmoe.model import DiT, DiTConfig, get_preset
+from ditmoe.model.moe import set_capacity_threshold
+from ditmoe.model.routing import expert_capacity, pool_sizes
 from ditmoe.sampling import generate
 
 STEPS = 3
@@ -16,10 +17,13 @@ STEPS = 3
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: no spinning against other processes
 
 
-def sample_and_record(preset: str, batches: list[torch.Tensor], cfg_scale: float = 1.5):
+def sample_and_record(preset: str | DiTConfig, batches: list[torch.Tensor], cfg_scale: float = 1.5,
+                      threshold: float | None = None):
     """Sample ``batches`` of labels with DDIM; returns (stats, assignments seen by an independent hook)."""
     torch.manual_seed(0)
-    model = DiT(get_preset(preset)).eval()
+    model = DiT(get_preset(preset) if isinstance(preset, str) else preset).eval()
+    if threshold is not None:
+        set_capacity_threshold(model, threshold)
     seen = []  # (layer, step, labels (N,), token_index, expert_index) per MoE call
     calls = {"labels": None, "step": -1}
 
@@ -28,7 +32,7 @@ def sample_and_record(preset: str, batches: list[torch.Tensor], cfg_scale: float
 
     def on_routing(layer, module, routing, shape):
         seen.append((layer, calls["step"] % STEPS, calls["labels"], routing.token_index.clone(),
-                     routing.expert_index.clone()))
+                     routing.expert_index.clone(), shape))
 
     model.register_forward_pre_hook(on_call)
     for i, layer in enumerate(model.moe_layers()):
@@ -46,7 +50,7 @@ def expected_counts(seen, num_layers, num_classes, num_tokens, num_experts):
     by_position = np.zeros((num_layers, num_tokens, num_experts), np.int64)
     by_step = np.zeros((num_layers, STEPS, num_experts), np.int64)
     coverage = np.zeros((num_layers, STEPS, num_experts + 1), np.int64)
-    for layer, step, labels, token, expert in seen:
+    for layer, step, labels, token, expert, _ in seen:
         token, expert = token.numpy(), expert.numpy()
         np.add.at(by_class[layer], (labels.numpy()[token // num_tokens], expert), 1)
         np.add.at(by_position[layer], (token % num_tokens, expert), 1)
@@ -122,10 +126,14 @@ def test_summary_names_the_most_specialised_experts():
         by_step=np.array([[[15, 5], [14, 8]]]),  # expert 1 is chosen more at the last step
         total=np.array([[29, 13]]),
         coverage=zeros((1, 2, 3)), tokens_by_class=np.array([20, 20, 0]), tokens_by_position=np.array([40]),
-        tokens_by_step=np.array([20, 20]),
+        tokens_by_step=np.array([20, 20]), routing_pool="sample", routing_group_size=0, pools=np.array([20, 20]),
+        pool_expert_min=np.array([4]), pool_expert_max=np.array([11]), sample_experts_min=np.array([0.5]),
+        sample_experts_max=np.array([1.5]),
     )
     layer = stats.summary()["layers"][0]
     assert layer["block"] == 3
+    assert layer["tokens_per_expert_per_pool"] == {"min": 4, "mean": 42 / 2 / 2, "max": 11}
+    assert layer["experts_per_token_per_sample"] == {"min": 0.5, "mean": 42 / 40, "max": 1.5}
     assert layer["expert_load"] == pytest.approx([29 / 42, 13 / 42])
     assert layer["selection_frequency"] == pytest.approx([29 / 40, 13 / 40])
     assert layer["class_range"] == pytest.approx([0.45, 0.35])
@@ -135,3 +143,50 @@ def test_summary_names_the_most_specialised_experts():
     assert layer["most_step_specialised"] == {"expert": 1, "highest": {"step": "1", "frequency": 0.4},
                                               "lowest": {"step": "0", "frequency": 0.25}}
     assert layer["position_range"] == [0.0, 0.0]
+
+
+def pool_extremes(seen, config):
+    """(L, 2) min/max tokens per expert in a pool and (L, 2) min/max mean experts per token of a sample, with numpy."""
+    t, e = config.num_tokens, config.num_experts
+    pools, samples = {}, {}
+    for layer, _, _, token, expert, (n, _) in seen:
+        token, expert = token.numpy(), expert.numpy()
+        ends = np.cumsum(pool_sizes(config.routing_pool, config.routing_group_size, n, t))
+        counts = np.zeros((len(ends), e), np.int64)
+        np.add.at(counts, (np.searchsorted(ends, token, side="right"), expert), 1)
+        pools.setdefault(layer, []).extend(counts.ravel())
+        samples.setdefault(layer, []).extend(np.bincount(token // t, minlength=n) / t)
+    return ([[min(v[i]), max(v[i])] for i in sorted(v)] for v in (pools, samples))
+
+
+TINY_EC = get_preset("tiny-ec")
+
+
+@pytest.mark.parametrize("name,config,threshold", [
+    ("token choice", get_preset("tiny"), None),
+    ("expert choice per sample", TINY_EC, None),
+    ("groups of 3 samples", TINY_EC.replace(routing_pool="group", routing_group_size=48), None),
+    ("the whole model call", TINY_EC.replace(routing_pool="batch"), None),
+    ("capacity predictor threshold", TINY_EC.replace(capacity_predictor=True), 0.5),
+])
+def test_pool_statistics_for_every_pool_kind(name, config, threshold):
+    """Tokens per expert per pool and experts per token per sample equal a numpy recount; expert choice's
+    training routing gives every expert exactly C(pool) tokens of every pool; per-sample pools give every sample
+    the same compute, group and batch pools spread it over the samples of a pool."""
+    _, stats, seen = sample_and_record(config, [torch.tensor([0, 1, 2, 3, 3])], threshold=threshold)
+    pools, samples = pool_extremes(seen, config)
+    np.testing.assert_array_equal(np.stack([stats.pool_expert_min, stats.pool_expert_max], 1), pools)
+    np.testing.assert_allclose(np.stack([stats.sample_experts_min, stats.sample_experts_max], 1), samples)
+    summary = stats.summary()
+    sizes = pool_sizes(config.routing_pool, config.routing_group_size, 10, 16)  # CFG: 10 samples per call
+    assert summary["pools"] == STEPS * len(sizes) and summary["routing_pool"] == config.routing_pool
+    assert summary["pool_tokens"] == sorted(set(sizes))
+    layer = summary["layers"][0]
+    if config.routing == "expert_choice" and threshold is None:
+        capacities = [expert_capacity(config.capacity_factor, size, 4) for size in sizes]
+        assert layer["tokens_per_expert_per_pool"]["min"] == min(capacities)
+        assert layer["tokens_per_expert_per_pool"]["max"] == max(capacities)
+        spread = layer["experts_per_token_per_sample"]["max"] - layer["experts_per_token_per_sample"]["min"]
+        assert (spread == 0) == (config.routing_pool == "sample")
+    else:  # the pool does not bound what an expert takes
+        assert layer["tokens_per_expert_per_pool"]["min"] < layer["tokens_per_expert_per_pool"]["max"]
