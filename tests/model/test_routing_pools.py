@@ -122,20 +122,18 @@ def assignment_pairs(routing, t: int, order: torch.Tensor | None = None) -> set:
 
 
 def test_batch_pool_permuting_samples_permutes_assignments_and_outputs():
-    """A sample's output depends on its micro-batch only as a set: reordering the samples reorders the
-    outputs exactly (random scores: no ties)."""
-    x, t, y = inputs(n=5)
+    """A sample's routing depends on its micro-batch only as a set: reordering the samples' scores reorders the
+    assignments exactly (random scores: no ties); through the model, the outputs are reordered to float rounding
+    (a token's row moves within the batched GEMMs, whose blocking can round a row differently elsewhere)."""
+    torch.manual_seed(0)
     perm = torch.tensor([3, 0, 4, 2, 1])
+    logits = torch.randn(5, T, EC.num_experts)
+    before = pool_expert_choice(logits, EC.capacity_factor, "batch")
+    after = pool_expert_choice(logits[perm], EC.capacity_factor, "batch")
+    assert assignment_pairs(after, T, perm) == assignment_pairs(before, T)
+    x, t, y = inputs(n=5)
     model = make_model(EC.replace(routing_pool="batch"))
-    seen = []
-    for layer in model.moe_layers():
-        layer.register_routing_hook(lambda m, r, s: seen.append(r))
-    out = model(x, t, y)
-    permuted = model(x[perm], t[perm], y[perm])
-    assert torch.equal(permuted, out[perm])
-    half = len(seen) // 2
-    for before, after in zip(seen[:half], seen[half:]):
-        assert assignment_pairs(after, T, perm) == assignment_pairs(before, T)
+    torch.testing.assert_close(model(x[perm], t[perm], y[perm]), model(x, t, y)[perm], rtol=1e-5, atol=1e-6)
 
 
 def test_batch_pool_differs_from_sample_pool_and_depends_on_the_other_samples():
