@@ -25,6 +25,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def fwd_bwd_seconds(layer: torch.nn.Module, x: torch.Tensor) -> float:
+    """One forward+backward from no gradients, as a step's first micro-batch (the optimizer then clears them)."""
+    layer.zero_grad(set_to_none=True)
     x = x.detach().requires_grad_(True)
     if x.is_cuda:
         torch.cuda.synchronize()

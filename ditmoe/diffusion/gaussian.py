@@ -38,6 +38,11 @@ from .objective import Objective
 from .schedule import linear_betas
 from .schedule import respace as respace_schedule
 
+TABLES = ("alphas_cumprod", "alphas_cumprod_prev", "fixed_log_variance", "log_betas", "posterior_log_variance_clipped",
+          "posterior_mean_coef1", "posterior_mean_coef2", "posterior_variance", "sqrt_alphas_cumprod",
+          "sqrt_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+          "timestep_map")  # the schedule tables a step reads, per timestep
+
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     """At least float32 (keeps float64)."""
@@ -88,7 +93,7 @@ class GaussianDiffusion(Objective):
         self.timestep_map = timestep_map
         self.learn_sigma = learn_sigma
         self._respaced: dict[str, GaussianDiffusion] = {}
-        self._device_tables: dict[tuple[int, torch.device], Tensor] = {}  # (id of a table, device) -> its copy
+        self._device_tables: dict[torch.device, dict[str, Tensor]] = {}  # device -> every table, copied once
 
         alphas = 1.0 - betas
         self.alphas_cumprod = np.cumprod(alphas)
@@ -107,17 +112,18 @@ class GaussianDiffusion(Objective):
         self.log_betas = np.log(betas)
         self.fixed_log_variance = np.log(np.append(self.posterior_variance[1], betas[1:]))
 
-    def _on_device(self, values: np.ndarray, device: torch.device) -> Tensor:
-        """One of this process's tables as a tensor on ``device``, copied once (a host-to-device copy per
-        call would wait for the device)."""
-        key = (id(values), torch.device(device))
-        if key not in self._device_tables:
-            self._device_tables[key] = torch.from_numpy(values).to(device)
-        return self._device_tables[key]
+    def _on_device(self, name: str, device: torch.device) -> Tensor:
+        """The table ``name`` (e.g. "sqrt_alphas_cumprod") as a tensor on ``device``. The first call for a device
+        copies every table at once (a host-to-device copy per call would wait for the device); being looked up
+        by name, the tables enter a compiled ``loss_terms`` as inputs, so another process shares its graph."""
+        device = torch.device(device)
+        if device not in self._device_tables:
+            self._device_tables[device] = {name: torch.from_numpy(getattr(self, name)).to(device) for name in TABLES}
+        return self._device_tables[device][name]
 
-    def _gather(self, values: np.ndarray, t: Tensor, ref: Tensor) -> Tensor:
-        """``values[t]`` shaped (N, 1, ..., 1) for broadcasting against ``ref``, in ref's dtype."""
-        picked = self._on_device(values, t.device)[t]  # (N,) float64
+    def _gather(self, name: str, t: Tensor, ref: Tensor) -> Tensor:
+        """Table ``name`` at ``t``, shaped (N, 1, ..., 1) for broadcasting against ``ref``, in ref's dtype."""
+        picked = self._on_device(name, t.device)[t]  # (N,) float64
         return picked.to(ref.dtype).reshape(-1, *([1] * (ref.ndim - 1)))
 
     def respace(self, spec: str) -> GaussianDiffusion:
@@ -129,7 +135,7 @@ class GaussianDiffusion(Objective):
 
     def model_timesteps(self, t: Tensor) -> Tensor:
         """Map step indices of this (possibly respaced) process to the original int64 timesteps."""
-        return self._on_device(self.timestep_map, t.device)[t]
+        return self._on_device("timestep_map", t.device)[t]
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor | None = None) -> Tensor:
         """Draw x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I); same dtype as x0."""
@@ -137,8 +143,8 @@ class GaussianDiffusion(Objective):
             noise = torch.randn_like(x0)
         work = _work_dtype(x0.dtype)
         x0w, noisew = x0.to(work), noise.to(work)
-        signal = self._gather(self.sqrt_alphas_cumprod, t, x0w)
-        noise_scale = self._gather(self.sqrt_one_minus_alphas_cumprod, t, x0w)
+        signal = self._gather("sqrt_alphas_cumprod", t, x0w)
+        noise_scale = self._gather("sqrt_one_minus_alphas_cumprod", t, x0w)
         x_t = signal * x0w + noise_scale * noisew
         return x_t.to(x0.dtype)
 
@@ -146,21 +152,21 @@ class GaussianDiffusion(Objective):
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0), in working precision."""
         work = _work_dtype(x_t.dtype)
         x0, x_t = x0.to(work), x_t.to(work)
-        coef1, coef2 = self._gather(self.posterior_mean_coef1, t, x_t), self._gather(self.posterior_mean_coef2, t, x_t)
+        coef1, coef2 = self._gather("posterior_mean_coef1", t, x_t), self._gather("posterior_mean_coef2", t, x_t)
         mean = coef1 * x0 + coef2 * x_t
-        variance = self._gather(self.posterior_variance, t, x_t).expand_as(x_t)
-        log_variance = self._gather(self.posterior_log_variance_clipped, t, x_t).expand_as(x_t)
+        variance = self._gather("posterior_variance", t, x_t).expand_as(x_t)
+        log_variance = self._gather("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
         return mean, variance, log_variance
 
     def predict_xstart_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
-        recip = self._gather(self.sqrt_recip_alphas_cumprod, t, x_t)
-        return recip * x_t - self._gather(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+        recip = self._gather("sqrt_recip_alphas_cumprod", t, x_t)
+        return recip * x_t - self._gather("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
 
     def predict_eps_from_xstart(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
         """Inverse of :meth:`predict_xstart_from_eps`."""
-        recip = self._gather(self.sqrt_recip_alphas_cumprod, t, x_t)
-        return (recip * x_t - x0) / self._gather(self.sqrt_recipm1_alphas_cumprod, t, x_t)
+        recip = self._gather("sqrt_recip_alphas_cumprod", t, x_t)
+        return (recip * x_t - x0) / self._gather("sqrt_recipm1_alphas_cumprod", t, x_t)
 
     def split_output(self, model_out: Tensor, channels: int) -> tuple[Tensor, Tensor | None]:
         """Split (N, 2C, ...) into (eps, v) when sigma is learned, else return (eps, None)."""
@@ -185,10 +191,10 @@ class GaussianDiffusion(Objective):
         x_t = x_t.to(work)
         eps, v = self.split_output(model_out.to(work), x_t.shape[1])
         if v is None:
-            log_variance = self._gather(self.fixed_log_variance, t, x_t).expand_as(x_t)
+            log_variance = self._gather("fixed_log_variance", t, x_t).expand_as(x_t)
         else:
-            min_log = self._gather(self.posterior_log_variance_clipped, t, x_t)
-            max_log = self._gather(self.log_betas, t, x_t)
+            min_log = self._gather("posterior_log_variance_clipped", t, x_t)
+            max_log = self._gather("log_betas", t, x_t)
             frac = (v + 1.0) / 2.0
             log_variance = frac * max_log + (1.0 - frac) * min_log
         pred_xstart = self.predict_xstart_from_eps(x_t, t, eps)
@@ -234,6 +240,11 @@ class GaussianDiffusion(Objective):
             noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         x_t = self.q_sample(x0, t, noise)  # (N, C, H, W)
         model_out = model(x_t, self.model_timesteps(t), y)  # (N, 2C or C, H, W)
+        return self.loss_terms(model_out, x0, x_t, noise, t)
+
+    def loss_terms(self, model_out: Tensor, x0: Tensor, x_t: Tensor, noise: Tensor, t: Tensor) -> dict[str, Tensor]:
+        """'loss', 'mse' and 'vb' (N,) of a model output at (x_t, t) for the data x0 noised with ``noise``:
+        the loss arithmetic after the model call, without host work (``torch.compile`` takes it whole)."""
         work = _work_dtype(x0.dtype)
         eps, v = self.split_output(model_out.to(work), x0.shape[1])
         mse = _mean_flat((noise.to(work) - eps) ** 2)
@@ -258,8 +269,8 @@ class GaussianDiffusion(Objective):
         out = self.p_mean_variance(model, x, t, y, clip_denoised)
         x_w, pred_xstart = x.to(out["mean"].dtype), out["pred_xstart"]
         eps = self.predict_eps_from_xstart(x_w, t, pred_xstart)
-        abar = self._gather(self.alphas_cumprod, t, x_w)
-        abar_prev = self._gather(self.alphas_cumprod_prev, t, x_w)
+        abar = self._gather("alphas_cumprod", t, x_w)
+        abar_prev = self._gather("alphas_cumprod_prev", t, x_w)
         sigma = eta * torch.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
         x_prev = pred_xstart * torch.sqrt(abar_prev) + torch.sqrt((1.0 - abar_prev - sigma**2).clamp(min=0.0)) * eps
         if eta > 0:

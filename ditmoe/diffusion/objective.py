@@ -15,7 +15,7 @@ class Objective(Protocol):
     """A training objective with its samplers.
 
     ``training_losses(model, x0, y, generator=g)`` returns per-sample (N,) 'loss', 'mse' and 'vb', drawing its
-    timesteps and noise from ``g``. Objectives subclass
+    timesteps and noise from ``g``; the arithmetic after its model call is ``loss_terms``. Objectives subclass
     this protocol and inherit :meth:`sample`; they name their samplers in ``samplers`` (name -> default
     number of steps) and ``default_sampler``, and run one in ``_run_sampler``.
     """
@@ -26,6 +26,9 @@ class Objective(Protocol):
     def training_losses(
         self, model: Model, x0: Tensor, y: Tensor, *, generator: torch.Generator | None = None
     ) -> dict[str, Tensor]: ...
+
+    def loss_terms(self, model_out: Tensor, x0: Tensor, x_t: Tensor, noise: Tensor, t: Tensor) -> dict[str, Tensor]:
+        ...
 
     def _run_sampler(
         self, net: Model, noise: Tensor, y: Tensor, sampler: str, steps: int, *, eta: float, clip_denoised: bool,

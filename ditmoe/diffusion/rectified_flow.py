@@ -62,8 +62,11 @@ class RectifiedFlow(Objective):
 
     def velocity(self, model: Model, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         """Model velocity at (x, t): calls ``model(x, time_scale * t, y)``, keeps the first C channels."""
-        out = model(x, t * self.time_scale, y)
-        channels = x.shape[1]
+        return self._velocity_channels(model(x, t * self.time_scale, y), x.shape[1])
+
+    @staticmethod
+    def _velocity_channels(out: Tensor, channels: int) -> Tensor:
+        """The velocity: the first C channels of a model output of C or 2C (learned-σ models) channels."""
         if out.shape[1] not in (channels, 2 * channels):
             raise ValueError(f"model returned {out.shape[1]} channels, expected {channels} or {2 * channels}")
         return out[:, :channels]
@@ -81,7 +84,13 @@ class RectifiedFlow(Objective):
             noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         t = t.to(work)
         x_t = self.interpolate(x0, noise, t)  # (N, C, H, W)
-        v_pred = self.velocity(model, x_t, t, y).to(work)
+        return self.loss_terms(model(x_t, t * self.time_scale, y), x0, x_t, noise, t)
+
+    def loss_terms(self, model_out: Tensor, x0: Tensor, x_t: Tensor, noise: Tensor, t: Tensor) -> dict[str, Tensor]:
+        """'loss' == 'mse' and zero 'vb' (N,) of a model output at (x_t, t) for the data x0 and ``noise``: the
+        loss arithmetic after the model call (``torch.compile`` takes it whole)."""
+        work = torch.promote_types(x0.dtype, torch.float32)
+        v_pred = self._velocity_channels(model_out, x0.shape[1]).to(work)
         target = self.velocity_target(x0.to(work), noise.to(work))
         mse = ((target - v_pred) ** 2).mean(dim=tuple(range(1, x0.ndim)))
         return {"loss": mse, "mse": mse, "vb": torch.zeros_like(mse)}

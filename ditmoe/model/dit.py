@@ -141,19 +141,27 @@ class DiT(nn.Module):
         ``drop_labels`` (N,) bool replaces labels by the null class / captions by the null caption
         (classifier-free guidance training; drawn inside when None)."""
         self._check_inputs(x, y)
-        x = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (N, T, D)
-        c = self.t_embedder(t)  # (N, D)
+        x, c = self.embed(x, t)  # (N, T, D), (N, D)
         if not self.config.is_text:
             c = c + self.y_embedder(y, drop_labels)
             for block in self.blocks:
                 x = block(x, c)
-            return self.unpatchify(self.final_layer(x, c))  # (N, C_out, H, W)
+            return self.head(x, c)  # (N, C_out, H, W)
         context, mask, pooled = self.y_embedder(y, drop_labels)  # (N, L, D), (N, L), (N, D) or None
         if pooled is not None:
             c = c + pooled
         for block in self.blocks:
             x = block(x, c, context, mask)  # positional tensors: checkpoint wrappers pass *args only
-        return self.unpatchify(self.final_layer(x, c))  # (N, C_out, H, W)
+        return self.head(x, c)  # (N, C_out, H, W)
+
+    def embed(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch tokens with positions (N, T, D) and the timestep embedding (N, D) of (N, C, H, W) latents and
+        (N,) timesteps (a region of its own: compiled apart from the blocks)."""
+        return self.x_embedder(x) + self.pos_embed.to(x.dtype), self.t_embedder(t)
+
+    def head(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Final adaLN layer and unpatchify: (N, T, D) tokens, (N, D) conditioning -> (N, C_out, H, W)."""
+        return self.unpatchify(self.final_layer(x, c))
 
     def _check_inputs(self, x: torch.Tensor, y: Condition):
         """Latent shape and condition kind (labels or Caption) of the model; clear errors otherwise."""

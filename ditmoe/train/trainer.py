@@ -20,7 +20,7 @@ from ..model import DiT, DiTConfig
 from ..model.conditioning import Caption, Condition, condition_to, index_condition
 from ..parallel import engine as ds_engine
 from ..parallel.activation_checkpointing import apply_activation_checkpointing, checkpointed_blocks
-from ..parallel.compile import apply_compile
+from ..parallel.compile import apply_compile, compile_loss
 from ..parallel.distributed import init_distributed, on_rank0
 from ..parallel.expert_choice_ep import use_expert_choice
 from ..parallel.expert_parallel import attach_balance_loss, autoep_config, check_ep_model, moe_param_groups, validate_ep
@@ -147,6 +147,8 @@ class Trainer:
                           checkpointed=checkpointed_blocks(len(model.blocks), config.activation_checkpointing))
         apply_activation_checkpointing(model, config.activation_checkpointing)
         self.objective = objective_for(config.objective, self.model_config)
+        if config.compile:
+            compile_loss(self.objective)
         optimizer = ds_engine.build_optimizer(
             moe_param_groups(model, config.ep_size, self.zero_stage), config.lr, config.weight_decay,
             (config.adam_beta1, config.adam_beta2), cpu_offload=ds_engine.offloads_optimizer(self.ds_config),

@@ -185,9 +185,11 @@ def test_schedule_tables_are_copied_to_the_device_once():
     """A host-to-device copy of a schedule table per call would make every training step wait."""
     diffusion = GaussianDiffusion(num_timesteps=10)
     t = torch.tensor([0, 3, 9])
-    first = diffusion._on_device(diffusion.sqrt_alphas_cumprod, t.device)
-    assert diffusion._on_device(diffusion.sqrt_alphas_cumprod, t.device) is first
+    first = diffusion._on_device("sqrt_alphas_cumprod", t.device)
+    assert diffusion._on_device("sqrt_alphas_cumprod", t.device) is first
+    tables = diffusion._device_tables[t.device]
     diffusion.q_sample(torch.zeros(3, 1, 2, 2), t)
-    assert len(diffusion._device_tables) == 2  # the two tables q_sample reads, each once
-    torch.testing.assert_close(diffusion._gather(diffusion.sqrt_alphas_cumprod, t, torch.zeros(3, 1)),
+    assert list(diffusion._device_tables) == [t.device] and diffusion._device_tables[t.device] is tables
+    assert all(tables[name] is value for name, value in diffusion._device_tables[t.device].items())
+    torch.testing.assert_close(diffusion._gather("sqrt_alphas_cumprod", t, torch.zeros(3, 1)),
                                torch.from_numpy(diffusion.sqrt_alphas_cumprod[[0, 3, 9]]).float()[:, None])
