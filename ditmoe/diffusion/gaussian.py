@@ -115,10 +115,11 @@ class GaussianDiffusion(Objective):
     def _on_device(self, name: str, device: torch.device) -> Tensor:
         """The table ``name`` (e.g. "sqrt_alphas_cumprod") as a tensor on ``device``. The first call for a device
         copies every table at once (a host-to-device copy per call would wait for the device); being looked up
-        by name, the tables enter a compiled ``loss_terms`` as inputs, so another process shares its graph."""
+        by name, the tables enter a compiled ``loss_terms`` as graph inputs, so every objective in the process
+        shares one graph (keyed by ``id`` of a table, each new objective recompiled it)."""
         device = torch.device(device)
         if device not in self._device_tables:
-            self._device_tables[device] = {name: torch.from_numpy(getattr(self, name)).to(device) for name in TABLES}
+            self._device_tables[device] = {table: torch.from_numpy(getattr(self, table)).to(device) for table in TABLES}
         return self._device_tables[device][name]
 
     def _gather(self, name: str, t: Tensor, ref: Tensor) -> Tensor:

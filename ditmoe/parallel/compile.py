@@ -19,7 +19,7 @@ import torch
 
 from ..model import DiT
 
-Loss = TypeVar("Loss")
+ObjectiveT = TypeVar("ObjectiveT")
 
 
 def apply_compile(model: DiT, *, zero3: bool = False, checkpointed: Iterable[int] = ()) -> list[int]:
@@ -36,7 +36,7 @@ def apply_compile(model: DiT, *, zero3: bool = False, checkpointed: Iterable[int
     return compiled
 
 
-def compile_loss(objective: Loss) -> Loss:
+def compile_loss(objective: ObjectiveT) -> ObjectiveT:
     """Compile a diffusion objective's loss arithmetic (its ``loss_terms``: one graph, forward and backward) in
     place."""
     objective.loss_terms = torch.compile(objective.loss_terms, fullgraph=True, dynamic=False)

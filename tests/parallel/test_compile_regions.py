@@ -33,10 +33,7 @@ def test_compiled_loss_terms_equal_eager_forward_and_backward(name):
     eager, compiled = objective(name), compile_loss(objective(name))
     out, x0, noise, t = loss_inputs(OBJECTIVES[name].get("learn_sigma", True))
     x_t = x0 + noise  # any point: loss_terms takes it as given
-    if name != "rectified_flow":
-        t_in = t
-    else:
-        t_in = t.float() / 1000
+    t_in = t.float() / 1000 if name == "rectified_flow" else t  # flow time in (0, 1), DDPM step indices
     ref = eager.loss_terms(out, x0, x_t, noise, t_in)
     (grad_ref,) = torch.autograd.grad(ref["loss"].sum(), out)
     got = compiled.loss_terms(out, x0, x_t, noise, t_in)
