@@ -34,7 +34,7 @@ echo "| benchmark | case | result |"
 echo "| --- | --- | --- |"
 awk '/^DiT-MoE-/ {printf "| moe_layer | %s | MoE %s ms, dense %s ms, ratio %s |\n", $1, $2, $3, $4}
      /^exit code/ {print "| moe_layer | | " $0 " |"}' "$OUT/moe_layer.txt"
-awk '/, ZeRO-/ {config = $0} /^step wall/ {print "| profile_step | " config " | " $0 " |"}
+awk '/, ZeRO-/ {config = $0} /^step wall|^device synchronisations/ {print "| profile_step | " config " | " $0 " |"}
      /^exit code/ {print "| profile_step | | " $0 " |"}' "$OUT/profile.txt"
 sed -n '/^| model | ZeRO/,$p' "$OUT/throughput.txt" | tail -n +3 | awk -F' *[|] *' '
   $6 == "" {printf "| train_throughput | %s, ZeRO-%s, compile %s | %s |\n", $2, $3, $4, $5; next}

@@ -7,14 +7,18 @@ and the idle time between them.
 One process, one rank (``Trainer`` sets up the group), the repository's ``deepspeed_configs/zeroN.json``,
 random latents of the preset's shape. Device idle time is the part of the step's device span (first
 kernel start to last kernel end) that no kernel, copy or memset covers: where the GPU waits for the
-host. On a machine without CUDA (smoke test: ``--preset tiny --precision fp32``) there are no kernels,
-and the table lists the ATen ops by self CPU time instead.
+host. On a GPU, one more steady-state step runs in CUDA's sync debug mode: its device synchronisations
+(including those inside ATen, such as ``torch._grouped_mm``'s fallback, that no Python-level check sees)
+are counted by their innermost caller outside torch. On a machine without CUDA (smoke test: ``--preset
+tiny --precision fp32``) there are no kernels, and the table lists the ATen ops by self CPU time instead.
 """
 
 import argparse
 import tempfile
 import time
-from collections import defaultdict
+import traceback
+import warnings
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
@@ -25,6 +29,7 @@ from ditmoe.train.config import TrainConfig
 from ditmoe.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
+TORCH_DIR = str(Path(torch.__file__).parent)
 
 
 def parse_args(argv=None):
@@ -57,6 +62,39 @@ def build_trainer(args, tmp: Path) -> Trainer:
 def synchronize():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def caller_outside_torch() -> str:
+    """file:line of the innermost frame outside torch, the warnings module and this file."""
+    for frame in reversed(traceback.extract_stack()):
+        if not frame.filename.startswith(TORCH_DIR) and frame.filename not in (__file__, warnings.__file__):
+            return f"{frame.filename}:{frame.lineno} in {frame.name}"
+    return "?"
+
+
+def device_syncs(step) -> Counter:
+    """Device synchronisations during one call of ``step`` (CUDA's sync debug mode), by caller."""
+    callers = Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):
+            callers[caller_outside_torch()] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return callers
+
+
+def print_syncs(callers: Counter):
+    print(f"\ndevice synchronisations in one steady-state step: {sum(callers.values())}")
+    for caller, count in callers.most_common():
+        print(f"  {count} x {caller}")
 
 
 def device_summary(events) -> tuple[dict, float, float, int]:
@@ -113,10 +151,13 @@ def main(argv=None):
             trainer.train_step(x, y)
             synchronize()
             wall_ms = (time.perf_counter() - start) * 1e3
+        syncs = device_syncs(lambda: trainer.train_step(x, y)) if torch.cuda.is_available() else None
     print(f"{args.preset}, ZeRO-{args.zero_stage}, compile {'on' if args.compile else 'off'}, {args.precision}, "
           f"global batch {args.global_batch_size} (micro-batch {args.micro_batch_size}), "
           f"{'cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
     print_summary(prof, wall_ms, args.top)
+    if syncs is not None:
+        print_syncs(syncs)
     if args.trace:
         prof.export_chrome_trace(args.trace)
 

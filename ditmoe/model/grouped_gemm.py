@@ -5,9 +5,13 @@ in bf16 only, so it is wrapped here in two custom ops with their own shape funct
 the primitive, and ``grouped_linear`` with a backward made of ``grouped_mm`` calls: the input gradient
 is another grouped GEMM, the weight gradient a grouped GEMM over the row groups that lands in the fused
 ``(E, N, K)`` layout of the weight (no per-expert stack). Group boundaries stay on the device: nothing
-is read back to the host, and a compiled block sees each op as one node (no graph break). The
+is read back to the host by ditmoe, and a compiled block sees each op as one node (no graph break). The
 experts' activation ``swiglu`` is a custom op too: its backward writes both halves of the gradient in
 place.
+
+On a GPU, PyTorch has a grouped-GEMM kernel for bf16 on compute capability 9.x and 10.x only; in every
+other case (fp32, older GPUs) ``torch._grouped_mm`` loops over the groups after copying the offsets to the
+host, one device synchronisation per call (:func:`grouped_mm_synchronizes`).
 """
 
 import math
@@ -16,6 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
+
+
+def grouped_mm_synchronizes(dtype: torch.dtype, capability: tuple[int, int] | None) -> bool:
+    """Whether ``torch._grouped_mm`` waits for the device: on a CUDA GPU of this compute capability its
+    fallback reads the group offsets to the host (everything but bf16 on 9.x/10.x, ATen's
+    ``GroupedBlas.cpp``); capability None: the CPU, where the offsets already are in host memory."""
+    return capability is not None and not (dtype == torch.bfloat16 and capability[0] in (9, 10))
 
 
 @torch.library.custom_op("ditmoe::grouped_mm", mutates_args=())
