@@ -137,8 +137,8 @@ class Trainer:
             warnings.warn(f"the experts' grouped GEMMs in {self.dtype} on this GPU (compute capability "
                           f"{capability[0]}.{capability[1]}) run PyTorch's fallback, which copies the group offsets "
                           "to the host: 6 device synchronisations per MoE layer and micro-batch (8 with activation "
-                          "checkpointing). Train in bf16 on "
-                          "a compute capability 9.x/10.x GPU for steps that never wait for the device.", stacklevel=2)
+                          "checkpointing). Train in bf16 on a compute capability 9.x/10.x GPU for steps that never "
+                          "wait for the device.", stacklevel=2)
 
     def loader_text_encoder(self) -> dict | None:
         """The text encoder the training captions were embedded with (None for class labels): sampling uses it."""
