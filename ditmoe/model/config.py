@@ -48,7 +48,7 @@ class DiTConfig:
     shared_expert_ratio: float = 1.0  #: Shared expert hidden width / hidden_size.
     moe_placement: str = "all"  #: MoE blocks: 'all', 'every_other' (odd blocks) or 'deep_half' (the second half).
     balance_loss_alpha: float = 0.005  #: Token choice: weight of the load-balancing auxiliary loss (training only).
-    # Expert-choice routing pools and DiffMoE's capacity predictor (README "Model" explains the dependence of
+    # Expert-choice routing pools and DiffMoE's capacity predictor (docs/model.md explains the dependence of
     # 'group'/'batch' results on the other samples of a pool, and the predictor's training).
     routing_pool: str = "sample"  #: Expert choice picks top-C of: 'sample' (T tokens), 'group', 'batch' (micro-batch).
     routing_group_size: int = 0  #: routing_pool='group': tokens per group, a multiple of T (whole samples).
