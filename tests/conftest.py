@@ -1,17 +1,26 @@
-"""Shared fixtures: run the real command-line entry points in subprocesses."""
+"""Shared fixtures: run the real command-line entry points in processes of their own."""
 
+import atexit
+import gc
 import importlib.util
 import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
+from forkserver import SOCKET_ENV, ForkServer
+
+gc.freeze()  # torch's objects: the collector need not walk them again and again during the session
+
 REPO = Path(__file__).resolve().parents[1]
+FORKSERVER_CLIENT = str(REPO / "tests" / "forkserver.py")
+TORCHRUN_FLAGS = {"--standalone", "--no-python", "--no_python", "--run-path", "--run_path"}  # take no value
 
 # A very small digits run: same code path as the demo, a few seconds per command.
 SMALL_DIGITS = [
@@ -73,11 +82,53 @@ def load_tool(name: str):
     return module
 
 
+# DITMOE_TEST_FRESH_PROCESSES=1 starts every command in a new interpreter instead of the fork server.
+FRESH_PROCESSES = os.environ.get("DITMOE_TEST_FRESH_PROCESSES", "") == "1"
+_fork_server = None
+
+
+def fork_server() -> ForkServer:
+    """The session's fork server (tests/forkserver.py), started on first use."""
+    global _fork_server
+    if _fork_server is None:
+        directory = tempfile.mkdtemp(prefix="ditmoe-forkserver-")
+        _fork_server = ForkServer(directory, {**os.environ, "PYTHONPATH": str(REPO)})
+        atexit.register(_fork_server.close)
+    return _fork_server
+
+
+def ranks_through_fork_server(args: list[str]) -> list[str]:
+    """``-m torch.distributed.run OPTIONS (-m MODULE | SCRIPT) ...`` with each rank started by forkserver.py."""
+    if args[:2] != ["-m", "torch.distributed.run"]:
+        return args
+    i = 2
+    while i < len(args):
+        if args[i] in ("-m", "--module"):
+            return [*args[:i], FORKSERVER_CLIENT, "-m", *args[i + 1:]]
+        if not args[i].startswith("-"):
+            return [*args[:i], FORKSERVER_CLIENT, *args[i:]]
+        i += 1 if "=" in args[i] or args[i] in TORCHRUN_FLAGS else 2
+    raise ValueError(f"no script in torchrun arguments {args}")
+
+
+def _decoded(file) -> str:
+    file.seek(0)
+    return file.read().decode("utf-8", errors="replace").replace("\r\n", "\n")
+
+
 def run_cli(args: list[str], *, check: bool = True, env: dict | None = None, timeout: int = 600):
-    """Run ``python ARGS`` from the repository root; returns the CompletedProcess."""
+    """Run ``python ARGS`` from the repository root in a process of its own; returns the CompletedProcess."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
+    if FRESH_PROCESSES:
+        proc = subprocess.run([sys.executable, *args], cwd=REPO, env=full_env, capture_output=True, text=True,
+                              timeout=timeout)
+    else:
+        server = fork_server()
+        args = ranks_through_fork_server(args)
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            code = server.run(args, env={**full_env, SOCKET_ENV: server.path}, cwd=str(REPO), timeout=timeout,
+                              stdout=out.fileno(), stderr=err.fileno())
+            proc = subprocess.CompletedProcess([sys.executable, *args], code, _decoded(out), _decoded(err))
     if check and proc.returncode != 0:
         output = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{output}")

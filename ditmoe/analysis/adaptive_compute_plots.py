@@ -12,7 +12,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 
 from .adaptive_compute import AdaptiveCompute, pick_steps
@@ -57,6 +56,8 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
 
 def heat_colors(values: np.ndarray, vmax: float) -> np.ndarray:
     """values (...) in [0, vmax] -> (..., 3) uint8 colours of the colour map."""
+    from matplotlib import colormaps
+
     scaled = np.clip(np.asarray(values, dtype=np.float64) / max(vmax, 1e-9), 0.0, 1.0)
     rgba = np.asarray(colormaps[CMAP](scaled.ravel())).reshape(*scaled.shape, 4)
     return (rgba[..., :3] * 255).round().astype(np.uint8)

@@ -5,13 +5,17 @@ plus an overview of every layer. Colour scales span each figure's own data range
 so small differences stay visible.
 """
 
+from __future__ import annotations
+
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from .routing_stats import RoutingStats
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 CMAP = "viridis"
 MAX_ANNOTATED_CELLS = 400  # heatmaps this small get their values written in the cells
@@ -44,7 +48,7 @@ def plot_by_class(stats: RoutingStats, layer: int, title: str) -> Figure:
     classes = np.flatnonzero(stats.tokens_by_class)
     labels = [stats.value_labels("class")[k] for k in classes] if len(classes) <= MAX_LABELLED_CLASSES else None
     size = (min(16.0, max(7.0, 0.45 * len(classes) + 2.5)), 2.4 + 0.45 * stats.num_experts)
-    fig = Figure(figsize=size, layout="constrained")
+    fig = _figure(size)
     ax = fig.add_subplot()
     _heatmap(fig, ax, freq[classes].T, labels, _expert_labels(stats))
     ax.set_xlabel("class label (null = unconditional half of classifier-free guidance)")
@@ -58,7 +62,7 @@ def plot_by_step(stats: RoutingStats, layer: int, title: str) -> Figure:
     freq = stats.frequency("step")[layer]  # (S, E)
     panels = 2 if stats.routing == "expert_choice" else 1
     width = min(14.0, max(7.0, 0.3 * len(stats.step_timesteps) + 3))
-    fig = Figure(figsize=(width, (1.4 + 0.4 * stats.num_experts) * panels + 1.2), layout="constrained")
+    fig = _figure((width, (1.4 + 0.4 * stats.num_experts) * panels + 1.2))
     axes = fig.subplots(panels, 1, squeeze=False)[:, 0]
     _heatmap(fig, axes[0], freq.T, None, _expert_labels(stats))
     axes[0].set_ylabel("expert")
@@ -82,7 +86,7 @@ def plot_by_position(stats: RoutingStats, layer: int, title: str) -> Figure:
     cols = min(e, 4)
     rows = -(-e // cols)
     extra = stats.routing == "expert_choice"
-    fig = Figure(figsize=(2.5 * (cols + extra) + 1.0, 2.6 * rows + 1.0), layout="constrained")
+    fig = _figure((2.5 * (cols + extra) + 1.0, 2.6 * rows + 1.0))
     experts_fig, token_fig = fig.subfigures(1, 2, width_ratios=[cols, 1]) if extra else (fig, None)
     axes = experts_fig.subplots(rows, cols, squeeze=False).flatten()
     vmin, vmax = _limits(freq)
@@ -101,6 +105,8 @@ def plot_by_position(stats: RoutingStats, layer: int, title: str) -> Figure:
 
 def _grid_map(ax, grid: np.ndarray, vmin: float, vmax: float, name: str, ylabel: bool = True, xlabel: bool = True):
     """One (g, g) patch-grid map, row 0 at the top as in the image."""
+    from matplotlib.ticker import MaxNLocator
+
     image = ax.imshow(grid, cmap=CMAP, vmin=vmin, vmax=vmax)
     if grid.size <= MAX_ANNOTATED_PATCHES:
         _annotate(ax, grid, vmin, vmax)
@@ -121,7 +127,7 @@ def plot_overview(stats: RoutingStats, title: str) -> Figure:
     panels += [(f"range over {name}", stats.frequency_range(factor), "max - min of the frequency")
                for factor, name in (("class", "classes"), ("step", "steps"), ("position", "positions"))]
     panel_width = max(3.4, 0.25 * stats.num_experts + 2.0)
-    fig = Figure(figsize=(panel_width * len(panels) + 1.0, 2.0 + 0.4 * len(blocks)), layout="constrained")
+    fig = _figure((panel_width * len(panels) + 1.0, 2.0 + 0.4 * len(blocks)))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (name, data, cbar_label) in zip(axes, panels):
         _heatmap(fig, ax, data, _expert_labels(stats), blocks, cbar_label)
@@ -130,6 +136,13 @@ def plot_overview(stats: RoutingStats, title: str) -> Figure:
     note = f"\n{EC_NOTE}" if stats.routing == "expert_choice" else ""
     fig.suptitle(f"{title}\nrouting over all MoE layers{note}", fontsize=9)
     return fig
+
+
+def _figure(size: tuple[float, float]) -> Figure:
+    """An empty figure of ``size`` inches with matplotlib's constrained layout."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=size, layout="constrained")
 
 
 def _heatmap(fig: Figure, ax, data: np.ndarray, xlabels, ylabels, cbar_label: str = "selection frequency"):

@@ -2,13 +2,14 @@
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
 
 PIXEL_MAX = 16.0  # digits pixels are integers in [0, 16]
 
 
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     """Images (1797, 8, 8) uint8 in [0, 16] and labels (1797,) int64."""
+    from sklearn.datasets import load_digits
+
     data = load_digits()
     return data.images.astype(np.uint8), data.target.astype(np.int64)
 

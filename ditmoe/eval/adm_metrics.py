@@ -3,7 +3,6 @@ evaluations/evaluator.py; FID and sFID are ``frechet.py`` on the pool and spatia
 
 import numpy as np
 import torch
-from scipy.special import rel_entr
 
 
 def inception_score(probs: np.ndarray, split_size: int = 5000) -> float:
@@ -12,6 +11,8 @@ def inception_score(probs: np.ndarray, split_size: int = 5000) -> float:
 
     Like ADM, but 0 * log 0 counts as 0 instead of giving NaN.
     """
+    from scipy.special import rel_entr
+
     probs = np.asarray(probs, dtype=np.float64)
     if probs.ndim != 2 or len(probs) == 0:
         raise ValueError(f"probs must be (N >= 1, classes), got shape {probs.shape}")

@@ -11,16 +11,24 @@
   4.0, uniform-noise images 10 and the real 0s alone 32.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 import numpy as np
-from sklearn.neural_network import MLPClassifier
-from sklearn.svm import SVC
 
 from ..data.digits import PIXEL_MAX, digits_arrays
 from .frechet import feature_statistics, frechet_distance
 
+if TYPE_CHECKING:
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.svm import SVC
+
 
 def train_digits_classifier() -> SVC:
     """RBF SVM on all 1797 real digits (pixels in [0, 16]); ~99% accurate under cross-validation."""
+    from sklearn.svm import SVC
+
     images, labels = digits_arrays()
     return SVC(gamma=0.001, C=10.0).fit(images.reshape(len(images), -1).astype(np.float64), labels)
 
@@ -34,6 +42,8 @@ def conditional_accuracy(pixels: np.ndarray, labels: np.ndarray, classifier: SVC
 
 def train_digits_feature_extractor() -> MLPClassifier:
     """The seeded MLP (64 tanh hidden units) on all 1797 real digits, pixels scaled to [0, 1]."""
+    from sklearn.neural_network import MLPClassifier
+
     images, labels = digits_arrays()
     mlp = MLPClassifier(hidden_layer_sizes=(64,), activation="tanh", solver="lbfgs", alpha=0.1, max_iter=500,
                         random_state=0)

@@ -1,7 +1,6 @@
 """Fréchet distance between Gaussians fitted to feature sets (the FID formula, computed as ADM does)."""
 
 import numpy as np
-from scipy import linalg
 
 
 def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -20,6 +19,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     general matrix square root (the same value; about 10× faster at 2048 dimensions and no retry
     with a diagonal offset for singular covariances).
     """
+    from scipy import linalg
+
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:

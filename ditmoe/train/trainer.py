@@ -24,7 +24,6 @@ from ..parallel import engine as ds_engine
 from ..parallel.activation_checkpointing import apply_activation_checkpointing, checkpointed_blocks
 from ..parallel.compile import apply_compile, compile_loss
 from ..parallel.distributed import init_distributed, on_rank0
-from ..parallel.expert_choice_ep import use_expert_choice
 from ..parallel.expert_parallel import attach_balance_loss, autoep_config, check_ep_model, moe_param_groups, validate_ep
 from ..parallel.planner import fitting_zero_stage
 from .checkpointer import Checkpointer
@@ -172,6 +171,8 @@ class Trainer:
         )
         self.engine, self.optimizer = ds_engine.initialize(model, optimizer, self.ds_config)
         if self.model_config.routing == "expert_choice":
+            from ..parallel.expert_choice_ep import use_expert_choice
+
             use_expert_choice(self.engine.module, self.model_config)  # AutoEP layers (EP > 1) routed by expert choice
         else:
             attach_balance_loss(self.engine.module)

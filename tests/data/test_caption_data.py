@@ -10,7 +10,6 @@ from itertools import islice
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
 
 from ditmoe.data import LatentLoader, ManifestError, latent_loader, write_latent_dataset
 from ditmoe.data.digit_captions import (
@@ -80,6 +79,8 @@ def ids(x):
 # The format
 
 def test_caption_roundtrip_with_fixed_records(caption_dataset):
+    import webdataset as wds
+
     root = caption_dataset(n=20, samples_per_shard=8, std=0.0)
     m = read_manifest(root)
     assert m["version"] == CAPTION_VERSION and (m["text_encoder"], m["text_max_length"], m["text_dim"]) == \
@@ -300,6 +301,8 @@ def rejects(out):
 
 def stored_captions(out, name):
     """key -> (label, text float16 (L, D), length), read with webdataset."""
+    import webdataset as wds
+
     return {s["__key__"]: (s["cls"], s["text.npy"], s["ntok.cls"])
             for s in wds.WebDataset(str(out / name), shardshuffle=False).decode()}
 

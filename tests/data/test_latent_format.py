@@ -3,7 +3,6 @@ import os
 
 import numpy as np
 import pytest
-import webdataset as wds
 
 from ditmoe.data import ManifestError, write_latent_dataset
 from ditmoe.data.latent_format import (
@@ -36,6 +35,8 @@ def test_roundtrip_and_fixed_records(make_dataset):
 
 
 def test_shards_are_plain_webdataset(make_dataset):
+    import webdataset as wds
+
     root = make_dataset(n=10, samples_per_shard=10)
     samples = list(wds.WebDataset(str(root / "shard-000000.tar"), shardshuffle=False).decode())
     assert [s["__key__"] for s in samples] == [f"{i:09d}" for i in range(10)]

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ditmoe.data.dali_preprocess import DaliPreprocessor
 from ditmoe.data.preprocess import center_crop_arr, pil_preprocess, plan_resize, probe_image
 from ditmoe.data.synthetic import VARIED, encode_image, natural_image, varied_samples
 
@@ -27,6 +26,8 @@ def test_pil_reference_shapes():
 
 @pytest.mark.parametrize("resolution", [256, 512])
 def test_dali_cpu_matches_pil(resolution):
+    from ditmoe.data.dali_preprocess import DaliPreprocessor
+
     datas = [fields[ext] for _, fields in varied_samples(seed=3, bad=False) for ext in fields if ext != "cls"]
     datas.append(encode_image(natural_image(1100, 2300, 4)))  # two halvings, odd sizes
     plans = [plan_resize(*probe_image(d)[2], resolution) for d in datas]
@@ -41,6 +42,8 @@ def test_dali_cpu_matches_pil(resolution):
 
 
 def test_dali_batch_with_corrupt_jpeg_fails_then_recovers():
+    from ditmoe.data.dali_preprocess import DaliPreprocessor
+
     good = encode_image(natural_image(300, 400, 0))
     bad = encode_image(natural_image(600, 600, 1))
     bad = bad[: len(bad) // 2]

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import DPMSolverMultistepScheduler
 
 from ditmoe.diffusion import GaussianDiffusion
 from ditmoe.diffusion.dpm_solver import dpm_solver_sample, logsnr_timesteps
@@ -29,6 +28,8 @@ def _nonlinear_model(x, t, y):
 
 def _diffusers_sample(noise, y, timesteps):
     """diffusers' DPMSolverMultistepScheduler (dpmsolver++, 2M midpoint) on the eps channels of the model."""
+    from diffusers import DPMSolverMultistepScheduler
+
     scheduler = DPMSolverMultistepScheduler(
         num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", solver_order=2,
         algorithm_type="dpmsolver++", solver_type="midpoint", prediction_type="epsilon", final_sigmas_type="zero",

@@ -4,7 +4,6 @@ import math
 
 import numpy as np
 import torch
-from scipy import integrate, stats
 
 from ditmoe.diffusion.losses import approx_standard_normal_cdf, discretized_gaussian_log_likelihood, normal_kl
 
@@ -16,6 +15,8 @@ def test_normal_kl_identical_is_zero():
 
 
 def test_normal_kl_matches_numerical_integral():
+    from scipy import integrate, stats
+
     m1, v1, m2, v2 = 1.0, 2.0, 0.5, 0.3
     p, q = stats.norm(m1, math.sqrt(v1)), stats.norm(m2, math.sqrt(v2))
     expected, _ = integrate.quad(lambda x: p.pdf(x) * (p.logpdf(x) - q.logpdf(x)), -40, 40)
@@ -25,11 +26,15 @@ def test_normal_kl_matches_numerical_integral():
 
 
 def test_approx_cdf_close_to_exact():
+    from scipy import stats
+
     x = torch.linspace(-5, 5, 201, dtype=torch.float64)
     np.testing.assert_allclose(approx_standard_normal_cdf(x).numpy(), stats.norm.cdf(x.numpy()), atol=1e-3)
 
 
 def test_discretized_likelihood_is_a_distribution_over_256_bins():
+    from scipy import stats
+
     grid = torch.linspace(-1.0, 1.0, 256, dtype=torch.float64)
     for mean, scale in [(0.1, 0.3), (-0.8, 0.05), (0.0, 2.0)]:
         means = torch.full_like(grid, mean)

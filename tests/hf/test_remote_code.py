@@ -8,9 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers.dynamic_module_utils import get_relative_import_files
 
-from ditmoe.hf.export import export
 from ditmoe.hf.remote_code import ENTRY_POINTS, required_files, write_remote_code
 from ditmoe.model import DiT, get_preset
 
@@ -52,6 +50,8 @@ def make_package(root: Path, files: dict[str, str]) -> Path:
 
 
 def test_walk_of_a_synthetic_package(tmp_path):
+    from transformers.dynamic_module_utils import get_relative_import_files
+
     package = make_package(tmp_path / "pkg", SYNTHETIC)
     assert [str(p) for p in required_files(package, ENTRIES)] == [
         "hf/configuration.py", "hf/modeling.py", "model/config.py", "model/layers.py", "model/net.py", "model/util.py"]
@@ -93,6 +93,10 @@ def test_files_that_clash_once_flattened(tmp_path):
 
 
 def test_exported_folder_holds_exactly_the_code_automodel_imports(tmp_path):
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    from ditmoe.hf.export import export
+
     torch.manual_seed(0)
     model = DiT(get_preset("tiny")).eval()
     with torch.no_grad():

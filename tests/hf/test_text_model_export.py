@@ -10,9 +10,6 @@ import sys
 import pytest
 import torch
 
-from ditmoe.hf.configuration_ditmoe import DiTMoEConfig
-from ditmoe.hf.export import export
-from ditmoe.hf.load import load_hf_folder
 from ditmoe.inference import load_model
 from ditmoe.model import DiT, get_preset
 from ditmoe.model.conditioning import Caption
@@ -35,6 +32,19 @@ with torch.no_grad():
 torch.save(outs, sys.argv[3])
 print(type(model).__name__, any(name.split(".")[0] == "ditmoe" for name in sys.modules))
 """
+
+
+def export(*args, **kwargs):
+    """``ditmoe.hf.export.export``, imported at the first call (ditmoe.hf imports transformers)."""
+    from ditmoe.hf.export import export
+
+    return export(*args, **kwargs)
+
+
+def load_hf_folder(folder):
+    from ditmoe.hf.load import load_hf_folder
+
+    return load_hf_folder(folder)
 
 
 def random_model(config) -> DiT:
@@ -78,6 +88,8 @@ def exported(request, tmp_path_factory):
 
 
 def test_config_carries_the_text_fields_and_the_encoder(exported):
+    from ditmoe.hf.configuration_ditmoe import DiTMoEConfig
+
     model, out = exported
     config = json.loads((out / "config.json").read_text())
     for name in TEXT_FIELDS:

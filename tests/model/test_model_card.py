@@ -1,8 +1,6 @@
 """The paper's Table 1 (parameters, GFLOPs) and the FLOP accounting against a measured forward."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,6 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ditmoe.model import DiT, get_preset
 from ditmoe.model.card import attention_macs, linear_macs, model_card
+
+from conftest import run_cli
 
 # Exact totals/activated of this architecture (paper truncates) and the paper's GFLOPs.
 TABLE1 = {
@@ -50,16 +50,14 @@ def test_flop_accounting_matches_measured_forward(name):
 
 
 def test_model_card_cli_json():
-    out = subprocess.run([sys.executable, "tools/model_card.py", "--preset", "DiT-MoE-S/2-8E2A", "--json"],
-                         capture_output=True, text=True, check=True).stdout
+    out = run_cli(["tools/model_card.py", "--preset", "DiT-MoE-S/2-8E2A", "--json"]).stdout
     card = json.loads(out)
     assert card["params_total_M"] == pytest.approx(199.31, rel=1e-3)
     assert card["config"]["num_experts"] == 8
 
 
 def test_model_card_cli_text_preset_lists_the_encoder_apart():
-    out = subprocess.run([sys.executable, "tools/model_card.py", "--preset", "EC-DiT-XL-8E", "--json"],
-                         capture_output=True, text=True, check=True).stdout
+    out = run_cli(["tools/model_card.py", "--preset", "EC-DiT-XL-8E", "--json"]).stdout
     card = json.loads(out)
     assert card["text_encoder"] == "T5-v1.1-XXL encoder, 4.76B parameters"
     assert card["text_tokens"] == 120 and card["config"]["text_dim"] == 4096
@@ -67,6 +65,5 @@ def test_model_card_cli_text_preset_lists_the_encoder_apart():
 
 
 def test_model_card_cli_unknown_preset():
-    res = subprocess.run([sys.executable, "tools/model_card.py", "--preset", "DiT-MoE-Q/2"], capture_output=True,
-                         text=True)
+    res = run_cli(["tools/model_card.py", "--preset", "DiT-MoE-Q/2"], check=False)
     assert res.returncode != 0 and "unknown preset 'DiT-MoE-Q/2'" in res.stderr

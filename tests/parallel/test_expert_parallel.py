@@ -3,8 +3,6 @@ choice and expert choice (per sample, and over each micro-batch), equal one proc
 micro-batches (loss, balance loss, expert loads, weights); 4 ranks are EP 2 x expert-data-parallel 2. The
 expert-choice all-to-alls send what the planner says."""
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +13,7 @@ from ditmoe.model import DiT, get_preset
 from ditmoe.parallel.expert_parallel import autoep_config, check_ep_model, moe_param_groups, validate_ep
 from ditmoe.parallel.planner import Layout, communication_per_gpu
 
-from conftest import free_port
+from conftest import free_port, run_cli
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -28,11 +26,9 @@ RUNS = {  # ZeRO stage : EP size : model (ep_worker.MODELS)
 
 
 def launch(out: Path, nproc: int) -> Path:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parents[1])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(free_port()), str(HERE / "ep_worker.py"), str(out), *RUNS[nproc]]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_cli(["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+             "--master_port", str(free_port()), str(HERE / "ep_worker.py"), str(out), *RUNS[nproc]],
+            env={"OMP_NUM_THREADS": "1"})
     return out
 
 

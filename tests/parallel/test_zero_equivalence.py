@@ -3,7 +3,6 @@ same micro-batches: per-step loss and balance loss within 1e-5, and the same wei
 
 import pytest
 import torch
-from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from ditmoe.inference import load_model
 
@@ -20,6 +19,8 @@ def single(tmp_path_factory):
 
 @pytest.mark.parametrize("stage,ep", [(1, 1), (2, 1), (3, 1), (2, 2), (3, 2)])
 def test_two_ranks_equal_single_process(single, tmp_path, stage, ep):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
     torchrun(tmp_path, "--zero-stage", str(stage), "--ep-size", str(ep))
     a, b = metrics(single), metrics(tmp_path)
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5]

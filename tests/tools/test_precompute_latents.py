@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
 
 from ditmoe.data import LatentLoader
 from ditmoe.data.latent_format import read_manifest
@@ -54,6 +53,8 @@ def run_tool(data, out, *extra, env=None, wait=True):
 
 def written(out):
     """key -> (latent, label) over all output shards, read with webdataset; fails on duplicate keys."""
+    import webdataset as wds
+
     result = {}
     for shard in read_manifest(out)["shards"]:
         for s in wds.WebDataset(str(out / shard["name"]), shardshuffle=False).decode():

@@ -4,7 +4,6 @@ a damaged input file a runtime error naming the file (status 1), before any work
 import numpy as np
 import pytest
 
-from ditmoe.hf.export import export
 from ditmoe.model import build_model
 
 from conftest import load_tool
@@ -115,6 +114,8 @@ def test_convert_bad_max_shard_size_is_a_usage_error_before_writing(capsys, tmp_
 
 @pytest.mark.parametrize("size", SHARD_SIZES)
 def test_export_checks_max_shard_size_before_writing(tmp_path, size):
+    from ditmoe.hf.export import export
+
     with pytest.raises(ValueError, match="is not a positive size"):
         export(build_model("tiny"), tmp_path / "hf", objective="ddpm", max_shard_size=size)
     assert not (tmp_path / "hf").exists()

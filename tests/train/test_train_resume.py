@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import SMALL_DIGITS, metrics, run_cli
 
@@ -32,6 +31,8 @@ def test_resume_is_bit_identical(runs):
 
 
 def test_metrics_and_tensorboard_have_the_same_scalars(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     full, _, _ = runs
     records = metrics(full)
     first = records[0]

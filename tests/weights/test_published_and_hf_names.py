@@ -5,8 +5,6 @@ writes the names each layout defines (checked against dicts built here by hand).
 import pytest
 import torch
 
-from ditmoe.hf.configuration_ditmoe import DiTMoEConfig
-from ditmoe.hf.modeling_ditmoe import DiTMoEModel
 from ditmoe.model import DiT, get_preset
 from ditmoe.weights import dit, hf, official_ditmoe
 
@@ -98,6 +96,9 @@ def test_dit_reads_flash_attention_names_and_rejects_experts():
 
 @pytest.mark.parametrize("config", [TINY, DENSE], ids=["moe", "dense"])
 def test_hf_round_trip_and_the_models_names(config):
+    from ditmoe.hf.configuration_ditmoe import DiTMoEConfig
+    from ditmoe.hf.modeling_ditmoe import DiTMoEModel
+
     state = random_state(config)
     exported = hf.from_ditmoe(state)
     assert_same_state(exported, {f"dit.{k}": v for k, v in state.items()})
