@@ -66,6 +66,7 @@ def text_model(config=EC_TINY) -> DiT:
 
 
 @pytest.mark.parametrize("config, c", [(EC_TINY, 8), (EC_TINY_C4, 4)])
+@pytest.mark.slow
 def test_counts_obey_the_capacity_with_and_without_guidance(config, c):
     """Every expert takes C tokens per sample: per sample, layer and step the counts sum to E·C exactly."""
     model, objective = text_model(config), ddpm()

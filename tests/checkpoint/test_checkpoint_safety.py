@@ -16,6 +16,8 @@ from ditmoe.inference import load_model
 
 from conftest import SMALL_DIGITS, run_cli
 
+pytestmark = pytest.mark.slow  # its fixtures take seconds: trainings, whole commands or fitted models
+
 TRAIN = ["-m", "ditmoe.train", *SMALL_DIGITS]
 TAG = "checkpoints/step_00000002"
 

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 CHECK = """
 import sys
 import ditmoe.inference
@@ -12,6 +14,7 @@ print(bad)
 """
 
 
+@pytest.mark.slow
 def test_inference_imports_neither_deepspeed_nor_train():
     proc = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -38,6 +38,8 @@ from ditmoe.text import TextEncoder, build_tiny_text_encoder
 from conftest import load_tool
 from latent_fixtures import indexed_latents, make_dataset_fixture  # noqa: F401 (pytest fixture)
 
+pytestmark = pytest.mark.slow  # its fixtures take seconds: trainings, whole commands or fitted models
+
 L, D = 6, 4  # caption tokens and width in the format tests
 
 

@@ -69,6 +69,7 @@ def test_adjacent_duplicate_keys_are_separate_samples(tmp_path):
     assert [(s.key, s.fields["cls"]) for s in reader] == [("a", b"1"), ("a", b"2"), ("b", b"3")]
 
 
+@pytest.mark.slow
 def test_adjacent_duplicate_is_counted_and_rejected(vae, tmp_path):
     write_tar(tmp_path / "a.tar", [sample("a", 1, 0), sample("a", 2, 1), sample("b", 3, 2)])
     assert precompute(vae, tmp_path / "a.tar", tmp_path / "out") == 0
@@ -188,6 +189,7 @@ def test_stale_temp_files_are_removed_on_rerun(vae, tmp_path):
     assert temp_files(out) == ["a.tar.tmp1.tar"] and read_manifest(out)["counts"]["written"] == 1
 
 
+@pytest.mark.slow
 def test_failed_write_leaves_no_temp_file(vae, tmp_path):
     """A real OSError mid-shard: files may grow to 50 kB, one latent record is about 34 kB."""
     write_tar(tmp_path / "a.tar", [sample(f"k{i}", 1, i) for i in range(3)])

@@ -15,6 +15,7 @@ def test_plan_follows_adm():
     assert plan_resize(511, 1023, 256).halvings == 0 and plan_resize(512, 1023, 256).halvings == 1
 
 
+@pytest.mark.slow
 def test_pil_reference_shapes():
     for h, w, fmt, mode in VARIED:
         out = pil_preprocess(encode_image(natural_image(h, w, 0), fmt, mode), 256)
@@ -25,6 +26,7 @@ def test_pil_reference_shapes():
 
 
 @pytest.mark.parametrize("resolution", [256, 512])
+@pytest.mark.slow
 def test_dali_cpu_matches_pil(resolution):
     from ditmoe.data.dali_preprocess import DaliPreprocessor
 

@@ -37,6 +37,7 @@ def test_ddim_eta1_uses_global_rng():
     assert not torch.allclose(_sample("ddim", noise, 3, eta=1.0), _sample("ddim", noise, 4, eta=1.0))
 
 
+@pytest.mark.slow
 def test_ddpm_reproducible_with_seed_and_differs_across_seeds():
     noise = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
     assert torch.equal(_sample("ddpm", noise, 5), _sample("ddpm", noise, 5))
@@ -103,12 +104,14 @@ def _sample_gaussian_data(sampler, steps, v, n=20000):
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+@pytest.mark.slow
 def test_gaussian_data_distribution_is_recovered(sampler):
     out = _sample_gaussian_data(sampler, 250, v=0.0)
     assert abs(out.mean().item() - 0.5) < 0.02
     assert out.std().item() == pytest.approx(0.5, rel=0.04)
 
 
+@pytest.mark.slow
 def test_learned_variance_range_brackets_true_spread():
     # With few steps the posterior variance (v=-1) under-disperses and beta_t (v=+1) over-disperses.
     low = _sample_gaussian_data("ddpm", 50, v=-1.0).std().item()

@@ -161,6 +161,7 @@ def write_samples(path, images, prompts=None, index=None):
     return path
 
 
+@pytest.mark.slow
 def test_tool_scores_prompts_from_the_npz_or_a_file(clip_dir, images, tmp_path, capsys):
     expected = hand_score(clip_dir, images, PROMPTS)
     # as tools/sample.py writes them: distinct prompts and each sample's prompt index

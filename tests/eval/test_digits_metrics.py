@@ -13,6 +13,8 @@ from ditmoe.eval.digits import (
 )
 from ditmoe.eval.frechet import feature_statistics, frechet_distance
 
+pytestmark = pytest.mark.slow  # its fixtures take seconds: trainings, whole commands or fitted models
+
 
 @pytest.fixture(scope="module")
 def extractor():

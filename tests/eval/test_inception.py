@@ -115,6 +115,7 @@ def test_block_pool_branches_follow_the_tf_graph(model, block, channels, size, p
     assert torch.allclose(seen["pooled"], expected)
 
 
+@pytest.mark.slow
 def test_load_inception_round_trips(model, weights_file, tmp_path):
     loaded = load_inception(weights_file)
     assert not loaded.training

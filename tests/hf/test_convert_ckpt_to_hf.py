@@ -17,6 +17,8 @@ from ditmoe.model.card import count_parameters
 
 from conftest import load_tool, run_cli, torchrun
 
+pytestmark = pytest.mark.slow  # its fixtures take seconds: trainings, whole commands or fitted models
+
 TOOL = "tools/convert_ckpt_to_hf.py"
 # Loads the folder with transformers only: cwd and sys.path exclude the repository.
 AUTOMODEL_SCRIPT = """

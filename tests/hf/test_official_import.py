@@ -130,6 +130,7 @@ def test_conversion_follows_the_official_semantics(flash_checkpoint):
     assert torch.allclose(model.pos_embed, state["pos_embed"], atol=1e-6)  # MAE's table = ours
 
 
+@pytest.mark.slow
 def test_official_ditmoe_to_hf_and_sampling(flash_checkpoint, tmp_path):
     original, _, path = flash_checkpoint
     out = tmp_path / "hf"
@@ -148,6 +149,7 @@ def test_official_ditmoe_to_hf_and_sampling(flash_checkpoint, tmp_path):
     assert arrays["arr_0"].shape == (4, 8, 8, 4) and arrays["arr_0"].dtype == np.uint8
 
 
+@pytest.mark.slow
 def test_facebook_dit_dense_checkpoint(tmp_path):
     original = random_model(get_preset("tiny").replace(num_experts=0))
     state = official_layout(original, flash=False)

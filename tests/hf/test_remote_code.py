@@ -92,6 +92,7 @@ def test_files_that_clash_once_flattened(tmp_path):
         required_files(package, ENTRIES)
 
 
+@pytest.mark.slow
 def test_exported_folder_holds_exactly_the_code_automodel_imports(tmp_path):
     from transformers.dynamic_module_utils import get_relative_import_files
 

@@ -100,6 +100,7 @@ def test_config_carries_the_text_fields_and_the_encoder(exported):
     assert (hf_config.text_encoder_name_or_path, hf_config.text_max_length) == (ENCODER, 12)
 
 
+@pytest.mark.slow
 def test_loads_back_with_the_same_outputs(exported):
     model, out = exported
     x, t, caption = random_inputs(model.config)
@@ -117,6 +118,7 @@ def test_loads_back_with_the_same_outputs(exported):
                                        dropped, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_automodel_remote_code_takes_captions_offline(exported, tmp_path):
     model, out = exported
     x, t, caption = random_inputs(model.config)
@@ -200,6 +202,7 @@ def test_converter_reads_the_recorded_text_encoder(meta, expected):
     assert load_tool("convert_ckpt_to_hf").recorded_text_encoder(meta) == expected
 
 
+@pytest.mark.slow
 def test_converter_passes_the_recorded_text_encoder(tmp_path, monkeypatch):
     tool = load_tool("convert_ckpt_to_hf")
     model = random_model(get_preset("EC-DiT-tiny"))
@@ -237,6 +240,7 @@ def test_converter_refuses_a_text_encoder_for_a_class_model(tmp_path, monkeypatc
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 def test_caption_argument_errors(exported):
     from ditmoe.hf.modeling_ditmoe import DiTMoEModel
 

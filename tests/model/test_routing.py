@@ -44,6 +44,7 @@ def test_balance_loss_collapsed_router_gives_alpha_times_experts():
     assert balance_loss(probs, count_per_expert(chosen, experts), k, alpha=0.01).item() == pytest.approx(0.01 * experts)
 
 
+@pytest.mark.slow
 def test_balance_loss_matches_megatron_switch_loss():
     from megatron.core.transformer.moe.moe_utils import switch_load_balancing_loss_func
 

@@ -136,6 +136,7 @@ def test_batch_pool_permuting_samples_permutes_assignments_and_outputs():
     torch.testing.assert_close(model(x[perm], t[perm], y[perm]), model(x, t, y)[perm], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_batch_pool_differs_from_sample_pool_and_depends_on_the_other_samples():
     x, t, y = inputs(n=4)
     batch = make_model(EC.replace(routing_pool="batch"))
@@ -175,6 +176,7 @@ def predictor_layer(lr: float = 1e-2) -> tuple[MoEFeedForward, torch.Tensor, tor
     return layer, torch.randn(8, T, 32), torch.optim.Adam(layer.parameters(), lr=lr)
 
 
+@pytest.mark.slow
 def test_predictor_learns_the_pool_routing_of_a_fixed_batch_and_trains_only_itself():
     layer, x, optimizer = predictor_layer()
     layer(x)
@@ -198,6 +200,7 @@ def test_predictor_learns_the_pool_routing_of_a_fixed_batch_and_trains_only_itse
     assert len(train_pairs) == 8 * T and len(train_pairs ^ predicted) <= 0.05 * len(train_pairs)
 
 
+@pytest.mark.slow
 def test_predictor_loss_falls_while_the_router_and_experts_train_alongside():
     layer, x, optimizer = predictor_layer(lr=3e-2)
     losses = []
@@ -211,6 +214,7 @@ def test_predictor_loss_falls_while_the_router_and_experts_train_alongside():
     assert losses[0] == pytest.approx(0.69, abs=0.05) and losses[-1] < 0.7 * base_rate
 
 
+@pytest.mark.slow
 def test_predictor_loss_is_part_of_the_model_aux_loss():
     model = make_model(EC.replace(capacity_predictor=True, capacity_predictor_weight=0.5)).train()
     x, t, y = inputs()
@@ -245,6 +249,7 @@ def counted_flops(model, x, t, y) -> int:
     return counter.get_total_flops()
 
 
+@pytest.mark.slow
 def test_threshold_moves_measured_assignments_and_flops_monotonically():
     config = EC.replace(capacity_predictor=True, routing_pool="batch")
     model = make_model(config)
@@ -273,6 +278,7 @@ def test_threshold_moves_measured_assignments_and_flops_monotonically():
                                        ({"routing_pool": "batch", "capacity_factor": 1.3}, 3),
                                        ({"routing_pool": "batch", "capacity_predictor": True}, 2),
                                        ({"routing": "token_choice"}, 2)])
+@pytest.mark.slow
 def test_activated_compute_of_the_training_routing_matches_the_card_and_counted_flops(changes, n):
     config = EC.replace(**changes)
     model = make_model(config)

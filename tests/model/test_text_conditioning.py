@@ -81,6 +81,7 @@ def test_zero_initialised_output_and_cross_attention():
 
 
 @pytest.mark.parametrize("pooled", [False, True])
+@pytest.mark.slow
 def test_padding_tokens_change_nothing(pooled):
     """Other embeddings at the padded positions, and more padding tokens appended: the same output."""
     config = TINY.replace(pooled_text=pooled)
@@ -95,6 +96,7 @@ def test_padding_tokens_change_nothing(pooled):
     torch.testing.assert_close(model(x, t, longer), reference, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_short_captions_are_padded_to_text_len():
     model = make_model()
     x, t, caption = inputs(length=TINY.text_len)
@@ -116,6 +118,7 @@ def test_dropped_captions_equal_the_null_caption_path():
     torch.testing.assert_close(mixed[[0, 2]], dropped[[0, 2]], rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_caption_dropout_is_drawn_only_in_training():
     model = make_model(TINY.replace(class_dropout_prob=1.0))
     x, t, caption = inputs()
@@ -313,6 +316,7 @@ def test_wrong_condition_kind_is_a_clear_error():
         DiT(TINY)(x, t, Caption(caption.tokens, caption.mask[:, :4]))
 
 
+@pytest.mark.slow
 def test_tiny_preset_trains_one_step():
     """Rectified flow: x_t = (1 - s) x0 + s ε, the model predicts ε - x0; one AdamW step, plain torch."""
     torch.manual_seed(0)

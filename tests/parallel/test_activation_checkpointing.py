@@ -30,6 +30,7 @@ def gradients(preset: str, every: int) -> tuple[dict[str, torch.Tensor], int]:
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-ec"])
+@pytest.mark.slow
 def test_gradients_identical_to_off(preset):
     reference, calls = gradients(preset, 0)
     assert calls == 4 and all(g is not None for g in reference.values())
@@ -51,6 +52,7 @@ def test_balance_loss_reaches_router():
     assert all(m.gate.weight.grad is not None and m.gate.weight.grad.abs().sum() > 0 for m in model.moe_layers())
 
 
+@pytest.mark.slow
 def test_recomputation_keeps_the_forward_side_outputs():
     """Backward's recomputation must not replace the stored balance loss: it would hold the recomputed
     block's activations until the next forward (measured: +0.17 block of memory per checkpointed block)."""

@@ -29,6 +29,7 @@ def loss_inputs(learn_sigma: bool, seed: int = 0):
 
 
 @pytest.mark.parametrize("name", list(OBJECTIVES))
+@pytest.mark.slow
 def test_compiled_loss_terms_equal_eager_forward_and_backward(name):
     eager, compiled = objective(name), compile_loss(objective(name))
     out, x0, noise, t = loss_inputs(OBJECTIVES[name].get("learn_sigma", True))
@@ -43,6 +44,7 @@ def test_compiled_loss_terms_equal_eager_forward_and_backward(name):
     torch.testing.assert_close(grad, grad_ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_many_objectives_share_one_compiled_loss_graph():
     torch._dynamo.reset()
     out, x0, noise, t = loss_inputs(True)
@@ -54,6 +56,7 @@ def test_many_objectives_share_one_compiled_loss_graph():
     assert all(torch.equal(loss, losses[0]) for loss in losses)
 
 
+@pytest.mark.slow
 def test_compiled_embedding_and_head_equal_eager():
     torch.manual_seed(0)
     config = get_preset("tiny")

@@ -81,6 +81,7 @@ def test_batch_sizes_are_filled_for_any_world_size():
 
 
 @pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.slow
 def test_config_file_trains(tmp_path, name):
     run_cli(["-m", "ditmoe.train", *SMALL_DIGITS, "--steps", "2", "--deepspeed-config",
              f"deepspeed_configs/{name}", "--out", str(tmp_path)])
@@ -89,6 +90,7 @@ def test_config_file_trains(tmp_path, name):
     assert Path(tmp_path / "checkpoints/latest").read_text().strip() == "step_00000002"
 
 
+@pytest.mark.slow
 def test_zero3_ep_config_on_two_ranks(tmp_path):
     run_cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
              "--master_addr", "127.0.0.1", "-m", "ditmoe.train", *SMALL_DIGITS, "--steps", "2",

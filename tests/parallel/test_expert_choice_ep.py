@@ -10,6 +10,8 @@ from ditmoe.inference import load_model
 
 from conftest import SMALL_DIGITS, STEPS, free_port, metrics, run_cli, torchrun
 
+pytestmark = pytest.mark.slow  # its fixtures take seconds: trainings, whole commands or fitted models
+
 EC = ["--set", "model.routing=expert_choice", "--set", "model.capacity_factor=1.5"]
 EP = [*EC, "--zero-stage", "3", "--ep-size", "2", "--activation-checkpointing", "1"]
 

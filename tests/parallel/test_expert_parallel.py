@@ -19,6 +19,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import ep_worker  # noqa: E402
 
+pytestmark = pytest.mark.slow  # its fixtures take seconds: trainings, whole commands or fitted models
+
 RUNS = {  # ZeRO stage : EP size : model (ep_worker.MODELS)
     2: ["1:2:tc", "2:1:tc", "2:2:tc", "3:1:tc", "3:2:tc", "1:2:ec", "2:2:ec", "3:2:ec", "3:1:ec", "2:2:ecbatch"],
     4: ["2:2:tc", "3:2:tc", "1:2:ec", "2:2:ec", "3:2:ec"],

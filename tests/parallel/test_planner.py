@@ -62,6 +62,7 @@ def measure(config, micro_batch: int, act_ckpt: int) -> dict[str, int]:
     pytest.param(REDUCED_S, 2, 0, id="reduced-S-2"),
     pytest.param(REDUCED_S, 4, 1, id="reduced-S-4-ckpt"),
 ])
+@pytest.mark.slow
 def test_estimate_matches_measured_memory(config, micro_batch, act_ckpt):
     """Parameters + gradients + optimizer + activations within 15% of the measured peak (fp32 CPU, no ZeRO)."""
     measured = measure(config, micro_batch, act_ckpt)

@@ -40,6 +40,7 @@ def sources(tmp_path_factory):
 
 
 @pytest.mark.parametrize("pair", PAIRS)
+@pytest.mark.slow
 def test_resume_under_another_topology(sources, tmp_path, pair):
     source_topology, target_topology = PAIRS[pair]
     source = sources(source_topology)
@@ -57,6 +58,7 @@ def test_resume_under_another_topology(sources, tmp_path, pair):
         torch.testing.assert_close(value, ema_ref[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_crossing_between_zero12_and_zero3_is_a_clear_error(sources, tmp_path):
     source = sources((2, 1, 1))
     proc = run(tmp_path, 3, 1, 1, "--resume", str(source / "checkpoints/step_00000003"), "--resume-universal",

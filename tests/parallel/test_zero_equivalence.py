@@ -8,6 +8,8 @@ from ditmoe.inference import load_model
 
 from conftest import SMALL_DIGITS, STEPS, free_port, metrics, run_cli, torchrun
 
+pytestmark = pytest.mark.slow  # its fixtures take seconds: trainings, whole commands or fitted models
+
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):

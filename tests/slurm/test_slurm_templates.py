@@ -14,6 +14,8 @@ from ditmoe.data.synthetic import save_tiny_vae, varied_samples, write_tar
 from conftest import REPO, SMALL_DIGITS, metrics
 from slurm_cluster import SlurmCluster, unavailable_reason
 
+pytestmark = pytest.mark.slow  # its fixtures take seconds: trainings, whole commands or fitted models
+
 STEPS = 60
 SBATCH_ARGS = ["-N", "2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gpus-per-node=1"]
 

@@ -24,6 +24,8 @@ from ditmoe.text import build_tiny_text_encoder
 
 from conftest import load_tool, run_cli
 
+pytestmark = pytest.mark.slow  # its fixtures take seconds: trainings, whole commands or fitted models
+
 PNGS = {"overview.png", *(f"block{b}_{kind}.png" for b in (0, 1) for kind in ("class", "step", "position"))}
 
 

@@ -13,6 +13,8 @@ from ditmoe.eval.inception import InceptionV3, load_inception
 
 from conftest import load_tool, run_cli
 
+pytestmark = pytest.mark.slow  # its fixtures take seconds: trainings, whole commands or fitted models
+
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # shared CPU cores: avoids OpenMP oversubscription
 
 

@@ -17,6 +17,8 @@ from ditmoe.data.preprocess import pil_preprocess
 from ditmoe.data.synthetic import save_tiny_vae, varied_samples, write_tar
 from ditmoe.data.vae_encode import encode_with_flip, load_vae
 
+pytestmark = pytest.mark.slow  # its fixtures take seconds: trainings, whole commands or fitted models
+
 REPO = Path(__file__).resolve().parents[2]
 SHARDS = ["part-000.tar", "part-001.tar", "part-002.tar"]
 

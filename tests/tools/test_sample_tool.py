@@ -1,6 +1,7 @@
 """tools/sample.py writes ADM-format npz files (and a grid) from a training checkpoint, alone or under torchrun."""
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from ditmoe.sampling import rank_batches
@@ -50,6 +51,7 @@ def test_rank_batches_cover_all_batches_in_order():
             assert max(map(len, shares)) - min(map(len, shares)) <= 1
 
 
+@pytest.mark.slow
 def test_sample_tool_under_torchrun_matches_one_process(trained_digits_run, tmp_path):
     """13 samples in batches of 3 on 2 gloo ranks (3 and 2 batches, the last one short): rank 0 writes
     exactly the single process's arrays and grid, once, and removes the ranks' parts. DDPM draws noise at

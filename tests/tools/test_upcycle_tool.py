@@ -19,6 +19,8 @@ from ditmoe.train.init_from import RECORD_FILE, WEIGHTS_FILE, load_init_weights
 
 from conftest import SMALL_DIGITS, load_tool, run_cli
 
+pytestmark = pytest.mark.slow  # its fixtures take seconds: trainings, whole commands or fitted models
+
 # the tiny DiT the .pt holds: latent 8x8x4, patch 2, width 32, 3 blocks, MLP width 128, 10 classes, learned sigma
 DEPTH, WIDTH, MLP, CLASSES, CHANNELS, PATCH, GRID = 3, 32, 128, 10, 4, 2, 4
 # the exact target (expert_ratio stays 4.0 = mlp_ratio, the default)

@@ -74,6 +74,7 @@ def test_unreadable_file_exits_1(tmp_path):
     assert exit_info.value.code == f"error: {missing}: cannot read config file: No such file or directory"
 
 
+@pytest.mark.slow
 def test_written_file_repeats_the_run(tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     run_cli(["-m", "ditmoe.train", *SMALL_DIGITS, "--steps", "2", "--out", str(first)])

@@ -11,6 +11,8 @@ import pytest
 
 from conftest import free_port, run_cli
 
+pytestmark = pytest.mark.slow  # its fixtures take seconds: trainings, whole commands or fitted models
+
 RECORDER = Path(__file__).with_name("run_recorder.py")
 BASE = ("data=digits,model.in_channels=1,steps=6,log_every=3,ckpt_every=6,global_batch_size=8,micro_batch_size=4,"
         "eval_samples=0,tensorboard=false,seed=1,lr=3e-3")

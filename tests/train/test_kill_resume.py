@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from ditmoe.train.run_dir import is_complete
@@ -40,6 +41,7 @@ def kill_during_training(out, rng: random.Random) -> bool:
     return not finished
 
 
+@pytest.mark.slow
 def test_random_kills_resume_bit_identically(tmp_path):
     reference, out = tmp_path / "reference", tmp_path / "killed"
     run_cli([*TRAIN, "--out", str(reference)], env={"OMP_NUM_THREADS": "1"})

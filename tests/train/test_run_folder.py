@@ -12,6 +12,8 @@ import torch
 
 from conftest import REPO, SMALL_DIGITS, free_port, metrics, run_cli
 
+pytestmark = pytest.mark.slow  # its fixtures take seconds: trainings, whole commands or fitted models
+
 TRAIN = ["-m", "ditmoe.train", *SMALL_DIGITS, "--set", "ckpt_every=2", "--seed", "5", "--zero-stage", "1"]
 
 

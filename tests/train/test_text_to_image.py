@@ -13,6 +13,8 @@ from ditmoe.model.conditioning import Caption
 
 from conftest import free_port, metrics, run_cli
 
+pytestmark = pytest.mark.slow  # its fixtures take seconds: trainings, whole commands or fitted models
+
 SMALL_T2I = ["--preset", "demo-t2i", "--global-batch-size", "16", "--micro-batch-size", "8",
              "--set", "model.hidden_size=32", "--set", "model.depth=2", "--set", "model.num_heads=2",
              "--set", "log_every=1",

@@ -32,6 +32,7 @@ def test_batch_not_divisible(tmp_path):
                "global_batch_size=16 is not divisible by micro_batch_size=5")
 
 
+@pytest.mark.slow
 def test_data_shape_mismatch(tmp_path):
     fails_with(["--preset", "tiny", "--data", "digits", "--steps", "1", "--out", str(tmp_path)],
                "data 'digits' has latents of shape (1, 8, 8), the model expects (4, 8, 8)")
@@ -42,6 +43,7 @@ def test_missing_deepspeed_config(tmp_path):
                "x.json: no such file")
 
 
+@pytest.mark.slow
 def test_divergence_stops_training_without_a_checkpoint(tmp_path):
     """An absurd learning rate makes the loss infinite within a few steps: the run stops with an error naming
     the steps, exit status 1 and no traceback, and writes no checkpoint of the diverged weights."""
@@ -82,6 +84,7 @@ def test_deepspeed_config_that_is_not_an_object(tmp_path):
                "'zero_optimization' must be an object, got 2")
 
 
+@pytest.mark.slow
 def test_contradictory_batch_sizes_in_a_deepspeed_config_warn_once(tmp_path):
     config = tmp_path / "ds.json"
     config.write_text(json.dumps({"train_batch_size": 999, "train_micro_batch_size_per_gpu": 16}))

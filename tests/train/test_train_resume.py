@@ -5,6 +5,8 @@ import torch
 
 from conftest import SMALL_DIGITS, metrics, run_cli
 
+pytestmark = pytest.mark.slow  # its fixtures take seconds: trainings, whole commands or fitted models
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
