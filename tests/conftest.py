@@ -82,28 +82,6 @@ def load_tool(name: str):
     return module
 
 
-# DeepSpeed compiles two C++ ops on first use, 30-50 s each and once per machine: the CPU shared-memory
-# collectives (built by every process group) and ZeRO-Offload's CPU Adam. A session with slow tests builds
-# them in the background while its first tests run; a test that needs one earlier waits on DeepSpeed's
-# build lock, as it would have anyway.
-PREBUILD_OPS = ("from deepspeed.comm.torch import build_shm_op; build_shm_op(); "
-                "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()")
-_prebuild = None
-
-
-def pytest_collection_finish(session):
-    global _prebuild
-    worker = getattr(session.config, "workerinput", {}).get("workerid", "gw0")
-    if worker == "gw0" and any(item.get_closest_marker("slow") for item in session.items):
-        _prebuild = subprocess.Popen([sys.executable, "-c", PREBUILD_OPS], cwd=REPO, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-
-
-def pytest_sessionfinish(session):
-    if _prebuild is not None:
-        _prebuild.wait()  # never leave a half-built op (and its lock file) behind
-
-
 # DITMOE_TEST_FRESH_PROCESSES=1 starts every command in a new interpreter instead of the fork server.
 FRESH_PROCESSES = os.environ.get("DITMOE_TEST_FRESH_PROCESSES", "") == "1"
 _fork_server = None
