@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from forkserver import SOCKET_ENV, ForkServer
+from forkserver import ForkServer
 
 gc.freeze()  # torch's objects: the collector need not walk them again and again during the session
 
@@ -126,8 +126,8 @@ def run_cli(args: list[str], *, check: bool = True, env: dict | None = None, tim
         server = fork_server()
         args = ranks_through_fork_server(args)
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            code = server.run(args, env={**full_env, SOCKET_ENV: server.path}, cwd=str(REPO), timeout=timeout,
-                              stdout=out.fileno(), stderr=err.fileno())
+            code = server.run(args, env=full_env, cwd=str(REPO), timeout=timeout, stdout=out.fileno(),
+                              stderr=err.fileno())
             proc = subprocess.CompletedProcess([sys.executable, *args], code, _decoded(out), _decoded(err))
     if check and proc.returncode != 0:
         output = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"

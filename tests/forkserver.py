@@ -120,7 +120,6 @@ def _monitor(conn: socket.socket):
             os.kill(pid, message["signal"])
         except EOFError:  # the caller went away: so does its command
             os.kill(pid, signal.SIGKILL)
-            conn = None
             os.waitpid(pid, 0)
             os._exit(0)
     _, status = os.waitpid(pid, 0)
@@ -225,32 +224,35 @@ class ForkServer:
 
     def run(self, argv: list[str], *, env: dict[str, str], cwd: str, timeout: float,
             stdout: int, stderr: int) -> int:
-        """``python ARGV`` in a forked process writing to the given descriptors; returns its exit status."""
-        with open(os.devnull) as stdin:
-            return _call(self.path, argv, env, cwd, (stdin.fileno(), stdout, stderr), timeout)
+        """``python ARGV`` in a forked process writing to the given descriptors; returns its exit status. The
+        command's environment names this server, so the ranks of a torchrun command find it too."""
+        with open(os.devnull) as stdin, _connect(self.path) as conn:
+            return _call(conn, argv, {**env, SOCKET_ENV: self.path}, cwd, (stdin.fileno(), stdout, stderr), timeout)
 
     def close(self):
         self.proc.stdin.close()
         self.proc.wait(timeout=30)
 
 
-def _call(path: str, argv, env, cwd, fds, timeout: float | None, on_signal=None) -> int:
+def _connect(path: str) -> socket.socket:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.connect(path)
+    return conn
+
+
+def _call(conn: socket.socket, argv, env, cwd, fds, timeout: float | None, on_signal=None) -> int:
+    """Ask the server on ``conn`` to run ``python ARGV``; wait for its exit status (``timeout`` seconds at most:
+    then closing the connection makes the monitor kill the command)."""
     _send(conn, {"argv": list(argv), "env": dict(env), "cwd": cwd}, fds)
-    (pid_message, _) = _recv(conn)
+    _recv(conn)  # the command's pid: it has started
     if on_signal is not None:
         on_signal(lambda sig: _send(conn, {"signal": int(sig)}))
     readable, _, _ = select.select([conn], [], [], timeout)
     if not readable:
-        conn.close()  # the monitor kills the command
+        conn.close()
         raise subprocess.TimeoutExpired([sys.executable, *argv], timeout)
-    while True:  # a signal handler may interrupt the read; retry until the status arrives
-        try:
-            message, _ = _recv(conn)
-            return message["returncode"]
-        except InterruptedError:
-            continue
+    message, _ = _recv(conn)
+    return message["returncode"]
 
 
 def _client(argv: list[str]):
@@ -264,7 +266,7 @@ def _client(argv: list[str]):
         for sig in FORWARDED_SIGNALS:
             signal.signal(sig, lambda signum, frame: forward(signum))
 
-    code = _call(path, argv, env, os.getcwd(), (0, 1, 2), None, on_signal=install)
+    code = _call(_connect(path), argv, env, os.getcwd(), (0, 1, 2), None, on_signal=install)
     if code < 0:
         signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
