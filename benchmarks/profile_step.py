@@ -2,15 +2,19 @@
 and the idle time between them.
 
     python benchmarks/profile_step.py [--preset DiT-MoE-B/2-8E2A] [--zero-stage 1] [--compile] \
-        [--global-batch-size 64] [--micro-batch-size 64] [--precision bf16] [--top 15] [--trace step.json]
+        [--global-batch-size 64] [--micro-batch-size 64] [--precision bf16] [--expert-gemm auto] [--top 15] \
+        [--trace step.json]
 
 One process, one rank (``Trainer`` sets up the group), the repository's ``deepspeed_configs/zeroN.json``,
 random latents of the preset's shape. Device idle time is the part of the step's device span (first
 kernel start to last kernel end) that no kernel, copy or memset covers: where the GPU waits for the
 host. On a GPU, one more steady-state step runs in CUDA's sync debug mode: its device synchronisations
 (including those inside ATen, such as ``torch._grouped_mm``'s fallback, that no Python-level check sees)
-are counted by their innermost caller outside torch. On a machine without CUDA (smoke test: ``--preset
-tiny --precision fp32``) there are no kernels, and the table lists the ATen ops by self CPU time instead.
+are counted by their innermost caller outside torch. ``--expert-gemm`` sets the trainer's kernel of the experts'
+grouped GEMMs (``--set expert_gemm=...``): on a GPU, ``torch`` in fp32 synchronises on every grouped GEMM and
+``triton`` on none, which this count shows. On a machine without CUDA (smoke test: ``--preset
+tiny --precision fp32``; ``--expert-gemm triton`` under ``TRITON_INTERPRET=1``) there are no kernels, the table
+lists the ATen ops by self CPU time instead, and synchronisations are not counted.
 """
 
 import argparse
@@ -25,6 +29,7 @@ import torch
 from torch.autograd import DeviceType
 
 from ditmoe.data.synthetic import write_random_latents
+from ditmoe.model.grouped_gemm import EXPERT_GEMMS
 from ditmoe.train.config import TrainConfig
 from ditmoe.train.trainer import Trainer
 
@@ -40,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--global-batch-size", type=int, default=64)
     p.add_argument("--micro-batch-size", type=int, default=64)
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--expert-gemm", choices=EXPERT_GEMMS, default="auto",
+                   help="kernel of the experts' grouped GEMMs (--set expert_gemm=...)")
     p.add_argument("--warmup", type=int, default=3, help="steps before the profiled one")
     p.add_argument("--top", type=int, default=15, help="rows of the table")
     p.add_argument("--trace", help="also write the Chrome trace of the step here")
@@ -52,6 +59,7 @@ def build_trainer(args, tmp: Path) -> Trainer:
     config = TrainConfig(preset=args.preset, data=str(tmp / "data"), out=str(tmp / "out"), steps=10**9,
                          global_batch_size=args.global_batch_size, micro_batch_size=args.micro_batch_size,
                          precision=args.precision, deepspeed_config=str(ds_config), compile=args.compile,
+                         expert_gemm=args.expert_gemm,
                          log_every=10**9, ckpt_every=10**9, tensorboard=False, eval_samples=0)
     model = config.model_config()
     write_random_latents(tmp / "data", (model.in_channels, model.input_size, model.input_size), model.num_classes,
@@ -91,7 +99,10 @@ def device_syncs(step) -> Counter:
     return callers
 
 
-def print_syncs(callers: Counter):
+def print_syncs(callers: Counter | None):
+    if callers is None:
+        print("\ndevice synchronisations in one steady-state step: not counted (no CUDA device)")
+        return
     print(f"\ndevice synchronisations in one steady-state step: {sum(callers.values())}")
     for caller, count in callers.most_common():
         print(f"  {count} x {caller}")
@@ -153,11 +164,11 @@ def main(argv=None):
             wall_ms = (time.perf_counter() - start) * 1e3
         syncs = device_syncs(lambda: trainer.train_step(x, y)) if torch.cuda.is_available() else None
     print(f"{args.preset}, ZeRO-{args.zero_stage}, compile {'on' if args.compile else 'off'}, {args.precision}, "
+          f"expert_gemm {args.expert_gemm}, "
           f"global batch {args.global_batch_size} (micro-batch {args.micro_batch_size}), "
           f"{'cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
     print_summary(prof, wall_ms, args.top)
-    if syncs is not None:
-        print_syncs(syncs)
+    print_syncs(syncs)
     if args.trace:
         prof.export_chrome_trace(args.trace)
 

@@ -97,6 +97,7 @@ add_arg() {
 # latest checkpoint in OUT (none on the first start). USR1 makes the ranks checkpoint at the next step
 # boundary and exit; the job is then requeued and continues.
 train_main() {
+  OBJECTIVE=${OBJECTIVE:-}  # templates without it keep the trainer's default
   setup_env
   start_log "$OUT/logs"
   ARGS=(--preset "$PRESET" --out "$OUT" --resume auto)
@@ -105,6 +106,7 @@ train_main() {
   add_arg --global-batch-size "$GLOBAL_BATCH"
   add_arg --micro-batch-size "$MICRO_BATCH"
   add_arg --precision "$PRECISION"
+  add_arg --objective "$OBJECTIVE"
   add_arg --deepspeed-config "$DS_CONFIG"
   add_arg --ep-size "$EP_SIZE"
   add_arg --activation-checkpointing "$ACT_CKPT"
@@ -112,8 +114,8 @@ train_main() {
   local extra
   read -r -a extra <<<"$EXTRA_ARGS"
   ARGS+=("${extra[@]}")
-  log_job PRESET DATA OUT STEPS GLOBAL_BATCH MICRO_BATCH PRECISION DS_CONFIG EP_SIZE ACT_CKPT INPUT_SIZE \
-    EXTRA_ARGS PYTHON OMP_NUM_THREADS
+  log_job PRESET DATA OUT STEPS GLOBAL_BATCH MICRO_BATCH PRECISION OBJECTIVE DS_CONFIG EP_SIZE ACT_CKPT \
+    INPUT_SIZE EXTRA_ARGS PYTHON OMP_NUM_THREADS
   echo "command: $PYTHON -m ditmoe.train ${ARGS[*]}"
   echo "resolved config:"
   "$PYTHON" -c 'import json, sys

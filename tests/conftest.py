@@ -11,10 +11,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pytest
-import torch
+# Triton runs kernels on CPU tensors only in its interpreter, chosen when Triton is imported (expert_gemm=triton)
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from forkserver import ForkServer
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from forkserver import ForkServer  # noqa: E402
 
 gc.freeze()  # torch's objects: the collector need not walk them again and again during the session
 
@@ -66,12 +69,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def torchrun(out, *args, nproc=2):
-    """The SMALL_DIGITS + STEPS run on ``nproc`` real ranks (gloo), extra ``args`` last."""
+def torchrun(out, *args, nproc=2, env=None):
+    """The SMALL_DIGITS + STEPS run on ``nproc`` real ranks (gloo), extra ``args`` last, ``env`` added."""
     launch = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
               "--master_addr", "127.0.0.1"]
     return run_cli([*launch, "-m", "ditmoe.train", *SMALL_DIGITS, *STEPS, *args, "--out", str(out)],
-                   env={"OMP_NUM_THREADS": "1"})
+                   env={"OMP_NUM_THREADS": "1", **(env or {})})
 
 
 def load_tool(name: str):

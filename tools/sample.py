@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from ditmoe.cli import Positive, make_parser, user_errors
 from ditmoe.eval.sample_npz import SampleSettings, sample_to_npz
+from ditmoe.model.grouped_gemm import EXPERT_GEMMS
 from ditmoe.parallel.distributed import init_distributed
 
 
@@ -56,6 +57,9 @@ def build_parser():
     p.add_argument("--capacity-threshold", type=float, metavar="P",
                    help="models with a capacity predictor: an expert takes a token when the predicted probability "
                         "exceeds P (default: the model's capacity_threshold; higher: less compute)")
+    p.add_argument("--expert-gemm", choices=EXPERT_GEMMS, default="auto",
+                   help="kernel of the experts' grouped GEMMs: torch, triton (DeepSpeed's Triton kernel: never waits "
+                        "for the GPU) or auto (default: Triton where torch would wait)")
     return p
 
 

@@ -2,7 +2,7 @@
 
 ``ds_to_universal`` stores every parameter's full fp32 weights and optimizer moments under
 ``zero/<name>/``, AutoEP layers in AutoEP's names (``router.gate.weight``, ``experts.w1/w3/w2``).
-A run without EP has ditmoe's names (``gate.weight``, ``experts.gate_up_proj/down_proj``), so both
+A run without EP has ditmoe's names (``gate.weight``, ``experts.gate_up_proj`` or ``up_proj``, ``down_proj``), so both
 are written: the loader reads only the names the new model has. DeepSpeed converts only checkpoints
 that carry ``universal_checkpoint_info``; AutoEP adds it, :func:`~.engine_state.client_state` does for
 other runs.
@@ -58,14 +58,14 @@ def add_both_names(zero: Path, shapes: dict[str, torch.Size]):
     with expert parallelism resumes without it and the other way round; ``shapes``: ditmoe's shapes."""
     folders = sorted(folder.name for folder in zero.iterdir())
     for layer in autoep.autoep_layers(folders):
-        if not (zero / autoep.ditmoe_expert_names(layer)[0]).exists():
+        if not (zero / autoep.gate_name(layer)).exists():
             shutil.copytree(zero / autoep.router_name(layer), zero / autoep.gate_name(layer))
             _convert(zero, autoep.autoep_expert_names(layer), partial(autoep.experts_to_ditmoe, layer), _entry)
     for layer in autoep.ditmoe_layers(folders):
-        if not (zero / autoep.autoep_expert_names(layer)[0]).exists():
+        if not (zero / autoep.router_name(layer)).exists():
             shutil.copytree(zero / autoep.gate_name(layer), zero / autoep.router_name(layer))
-            _convert(zero, autoep.ditmoe_expert_names(layer), partial(autoep.experts_from_ditmoe, layer), _expert_entry,
-                     shapes)
+            names = autoep.ditmoe_expert_names(layer, autoep.ditmoe_in_proj(layer, folders))
+            _convert(zero, names, partial(autoep.experts_from_ditmoe, layer), _expert_entry, shapes)
 
 
 def _entry(param: torch.Tensor) -> dict:

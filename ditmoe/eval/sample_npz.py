@@ -17,6 +17,7 @@ import torch.distributed as dist
 from ..diffusion import objective_for
 from ..inference import load_model
 from ..model.conditioning import Condition
+from ..model.grouped_gemm import set_expert_gemm
 from ..model.moe import set_capacity_threshold
 from ..npz import NpzWriter, write_npy_header
 from ..sampling import balanced_labels, generate, num_batches, rank_batches, to_uint8_images
@@ -47,6 +48,7 @@ class SampleSettings:
     text_encoder: str | None = None  # default: the one the checkpoint records
     text_max_length: int | None = None
     capacity_threshold: float | None = None  # models with a capacity predictor: its sampling-time threshold
+    expert_gemm: str = "auto"  # the experts' grouped GEMMs: auto | torch | triton (ditmoe.model.grouped_gemm)
 
 
 def load_in_turn(settings: SampleSettings, rank: int, device: torch.device):
@@ -129,6 +131,7 @@ def sample_to_npz(settings: SampleSettings, rank: int, world: int, device: torch
     out = Path(settings.out)
     total = num_batches(settings.num_samples, settings.batch_size)
     batches = rank_batches(total, rank, world)
+    set_expert_gemm(settings.expert_gemm)
     model, meta = load_in_turn(settings, rank, device)
     if settings.capacity_threshold is not None:
         set_capacity_threshold(model, settings.capacity_threshold)

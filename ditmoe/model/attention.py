@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .gpu_contracts import check_attention, checks_enabled
+
 
 def expand_kv_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """(N, H_kv, S, hd) -> (N, H, S, hd): each key/value head repeated for its H/H_kv query heads."""
@@ -78,7 +80,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.project(x)
-        return self.proj(attend(self.q_norm(q), self.k_norm(k), v))  # (N, T, D)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if checks_enabled():
+            check_attention(q, k, v, None, self.proj.weight.dtype)
+        return self.proj(attend(q, k, v))  # (N, T, D)
 
 
 class CrossAttention(nn.Module):
@@ -105,5 +110,8 @@ class CrossAttention(nn.Module):
         k, v = (split_heads(z, self.num_kv_heads) for z in self.kv(context).chunk(2, dim=-1))  # (N, H_kv, L, hd)
         has_text = mask.any(dim=1)  # (N,)
         keys = (mask | ~has_text[:, None])[:, None, None, :]  # (N, 1, 1, L); all-padding rows: any finite softmax
-        out = attend(self.q_norm(q), self.k_norm(k), v, keys)  # (N, T, D)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if checks_enabled():
+            check_attention(q, k, v, keys, self.proj.weight.dtype)
+        out = attend(q, k, v, keys)  # (N, T, D)
         return self.proj(out) * has_text[:, None, None].to(out.dtype)  # (N, T, D)

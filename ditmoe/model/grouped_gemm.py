@@ -10,16 +10,28 @@ experts' activation ``swiglu`` is a custom op too: its backward writes both halv
 place.
 
 On a GPU, PyTorch has a grouped-GEMM kernel for bf16 on compute capability 9.x and 10.x only; in every
-other case (fp32, older GPUs) ``torch._grouped_mm`` loops over the groups after copying the offsets to the
-host, one device synchronisation per call (:func:`grouped_mm_synchronizes`).
+other case (fp32, A100 and older GPUs) ``torch._grouped_mm`` loops over the groups after copying the
+offsets to the host, one device synchronisation per call (:func:`grouped_mm_synchronizes`). The process-wide
+setting :func:`set_expert_gemm` picks the kernel behind the ops: ``torch`` (``torch._grouped_mm``),
+``triton`` (DeepSpeed's Triton grouped GEMM, :mod:`.triton_grouped_gemm`: never synchronises), or ``auto``:
+Triton exactly where the torch kernel would synchronise. The ops stay the graph nodes either way.
 """
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
+
+from .gpu_contracts import check_expert_weight, check_grouped_gemm, checks_enabled
+from .triton_grouped_gemm import grouped_mm as triton_grouped_mm
+from .triton_grouped_gemm import grouped_weight_grad as triton_weight_grad
+from .triton_grouped_gemm import unavailable_reason
+
+EXPERT_GEMMS = ("auto", "torch", "triton")
+_expert_gemm = "auto"
 
 
 def grouped_mm_synchronizes(dtype: torch.dtype, capability: tuple[int, int] | None) -> bool:
@@ -29,11 +41,65 @@ def grouped_mm_synchronizes(dtype: torch.dtype, capability: tuple[int, int] | No
     return capability is not None and not (dtype == torch.bfloat16 and capability[0] in (9, 10))
 
 
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+
+def set_expert_gemm(mode: str) -> None:
+    """Choose the kernel of the experts' grouped GEMMs for this process: 'auto', 'torch' or 'triton'.
+
+    'triton' raises a ValueError where DeepSpeed's Triton kernels cannot run (no Triton; CPU tensors outside
+    Triton's interpreter); 'auto' falls back to 'torch' there."""
+    global _expert_gemm
+    if mode not in EXPERT_GEMMS:
+        raise ValueError(f"expert_gemm={mode!r} is not one of {', '.join(EXPERT_GEMMS)}")
+    reason = unavailable_reason("cuda" if torch.cuda.is_available() else "cpu")
+    if mode == "triton" and reason:
+        raise ValueError(f"expert_gemm='triton' cannot run here: {reason}")
+    _expert_gemm = mode
+
+
+@contextlib.contextmanager
+def expert_gemm(mode: str):
+    """:func:`set_expert_gemm` for the duration of a ``with`` block."""
+    previous = _expert_gemm
+    set_expert_gemm(mode)
+    try:
+        yield
+    finally:
+        set_expert_gemm(previous)
+
+
+def uses_triton(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the experts' grouped GEMMs in ``dtype`` on ``device`` run DeepSpeed's Triton kernels now."""
+    if _expert_gemm == "torch":
+        return False
+    reason = unavailable_reason(device.type)
+    if _expert_gemm == "triton" and reason:
+        raise RuntimeError(f"expert_gemm='triton' cannot run on {device.type} tensors: {reason}")
+    return _expert_gemm == "triton" or (reason is None and grouped_mm_synchronizes(dtype, _capability(device)))
+
+
+def expert_gemm_waits(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the experts' grouped GEMMs in ``dtype`` on ``device`` read their offsets back to the host."""
+    return not uses_triton(dtype, device) and grouped_mm_synchronizes(dtype, _capability(device))
+
+
 @torch.library.custom_op("ditmoe::grouped_mm", mutates_args=())
 def grouped_mm(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
     """a (A, K) × b (E, K, N) -> (A, N), rows of group e times b[e]; or a (N, A) × b (A, K) -> (E, N, K),
     group e's columns of a times its rows of b. offsets: (E,) int32 ends of the groups along A."""
-    return torch._grouped_mm(a, b, offs=offsets)
+    return _grouped_mm(a, b, offsets)
+
+
+def _grouped_mm(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
+    if checks_enabled():
+        check_grouped_gemm(a, b, offsets)
+    if not uses_triton(a.dtype, a.device):
+        return torch._grouped_mm(a, b, offs=offsets)
+    if b.dim() == 3:
+        return triton_grouped_mm(a, b, offsets)
+    return triton_weight_grad(a.t(), b, offsets)
 
 
 @grouped_mm.register_fake
@@ -49,7 +115,9 @@ def grouped_linear(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
 
     offsets: (E,) int32 cumulative row counts (the end of each expert's rows; the last equals A).
     """
-    return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
+    if checks_enabled():
+        check_expert_weight(weight)
+    return _grouped_mm(x, weight.transpose(-2, -1), offsets)
 
 
 @grouped_linear.register_fake

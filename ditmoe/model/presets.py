@@ -14,13 +14,15 @@ _SIZES = {
     "G": (40, 1408, 16),
 }
 
-# EC-DiT (arXiv 2410.02098): name: (depth, hidden_size, num_heads, num_kv_heads). The paper gives 38-46
-# layers for M; 42 is taken here.
+# EC-DiT (arXiv 2410.02098, Table 1): name: (depth, hidden_size, num_heads, num_kv_heads). Table 1 gives M
+# two depths: 46 layers for the dense model, 38 for EC-DiT-M-64E. The M presets take 38, the depth of the only
+# sparse M the paper trains (its 97.21B total and 8.27B activated parameters need exactly 19 MoE layers of 64
+# experts); tests/model/test_ec_dit_presets.py checks the counts against the paper's.
 _EC_DIT_SIZES = {
     "XL": (28, 1152, 18, 6),
     "XXL": (38, 1536, 24, 6),
     "3XL": (42, 2304, 36, 6),
-    "M": (42, 3072, 48, 12),
+    "M": (38, 3072, 48, 12),
 }
 
 

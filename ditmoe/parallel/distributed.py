@@ -7,6 +7,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from ..model.gpu_contracts import check_collective, checks_enabled
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -52,6 +54,13 @@ def collective_device() -> torch.device:
     if dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def check_collective_inputs(name: str, *tensors: torch.Tensor) -> None:
+    """Under ``DITMOE_CHECK_GPU_CONTRACTS=1``: the tensors of collective ``name`` on :func:`collective_device`,
+    contiguous, of one dtype (``ditmoe.model.gpu_contracts``)."""
+    if checks_enabled():
+        check_collective(name, list(tensors), collective_device())
 
 
 def all_reduce(values: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:

@@ -98,9 +98,13 @@ def build_optimizer(params, lr: float, weight_decay: float, betas: tuple[float, 
 
 
 def initialize(model: torch.nn.Module, optimizer, config: dict):
+    """``deepspeed.initialize``; AutoEP's replacements of the MoE layers keep their capacity predictors."""
     import deepspeed
 
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    from .expert_parallel import keep_capacity_predictors
+
+    with keep_capacity_predictors():
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     if config["zero_optimization"]["stage"] == 0 and engine.dp_world_size == 1:
         # one rank has nothing to all-reduce: skip DeepSpeed's flatten / all-reduce / copy-back of every gradient
         engine.enable_backward_allreduce = False

@@ -8,6 +8,11 @@ groups, ZeRO handling and checkpoint layout, routed by expert choice over the mo
 Expert choice has a fixed capacity, so every rank sends every expert the same number of rows (C per pool, the
 pools being the same on every rank): the all-to-all has equal, static splits. Nothing is read back to the host
 and no counts are exchanged.
+
+A DiffMoE capacity predictor (carried into the layer by ``expert_parallel.keep_capacity_predictors``) trains as in
+``MoEFeedForward``: on the detached tokens, its loss weighted into ``aux_loss``. Its sampling-time routing (eval
+mode with a threshold) routes a data-dependent number of tokens per expert, which these static exchanges cannot
+carry: it is refused here; sample with the one-process model (``ditmoe.inference.load_model``).
 """
 
 import torch
@@ -15,7 +20,9 @@ import torch.distributed as dist
 from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer, permute_by_local_expert, unpermute_by_local_expert
 
 from ditmoe.model.config import DiTConfig
-from ditmoe.model.routing import pool_expert_choice
+from ditmoe.model.routing import Routing, capacity_predictor_loss, pool_expert_choice
+
+from .distributed import check_collective_inputs
 
 
 class _EqualAllToAll(torch.autograd.Function):
@@ -25,14 +32,18 @@ class _EqualAllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
         ctx.group = group
+        x = x.contiguous()
         out = torch.empty_like(x)
-        dist.all_to_all_single(out, x.contiguous(), group=group)
+        check_collective_inputs("expert-choice all_to_all", out, x)
+        dist.all_to_all_single(out, x, group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
         out = torch.empty_like(grad)
-        dist.all_to_all_single(out, grad.contiguous(), group=ctx.group)
+        check_collective_inputs("expert-choice all_to_all (backward)", out, grad)
+        dist.all_to_all_single(out, grad, group=ctx.group)
         return out, None
 
 
@@ -42,15 +53,19 @@ class ExpertChoiceEPLayer(AutoEPMoELayer):
     capacity_factor: float
     routing_pool: str
     routing_group_size: int
+    capacity_predictor: torch.nn.Module | None
+    capacity_threshold: float | None  # of the predictor in eval mode: refused here (see the module docstring)
+    predictor_weight: float
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """hidden_states: (N, T, D) -> (N, T, D). Sets ``aux_loss`` (0) and ``expert_counts`` ((E,))."""
+        """hidden_states: (N, T, D) -> (N, T, D). Sets ``aux_loss`` and ``expert_counts`` ((E,))."""
         n, t, d = hidden_states.shape
         x = hidden_states.reshape(n * t, d)
         # 1. every expert picks its top-C tokens of each routing pool: A = E·m assignments, m per expert
+        self._check_routing_mode()
         logits = self.router.gate(hidden_states)  # (N, T, E)
         routing = pool_expert_choice(logits, self.capacity_factor, self.routing_pool, self.routing_group_size)
-        self.aux_loss = logits.new_zeros((), dtype=torch.float32)
+        self.aux_loss = self._predictor_aux_loss(hidden_states, routing)
         self.expert_counts = routing.tokens_per_expert.detach()
         # 2. expert-major order: EP rank r's experts are the contiguous rows [r·El·m, (r+1)·El·m)
         order = torch.argsort(routing.expert_index, stable=True)  # (A,)
@@ -70,15 +85,40 @@ class ExpertChoiceEPLayer(AutoEPMoELayer):
             y = y + self.shared_experts(x)
         return y.reshape(n, t, d)
 
+    def _check_routing_mode(self) -> None:
+        if self.capacity_predictor is not None and not self.training and self.capacity_threshold is not None:
+            raise RuntimeError("the capacity predictor's threshold routing (eval mode) does not run under expert "
+                               "parallelism: sample with the one-process model (ditmoe.inference.load_model)")
+
+    def _predictor_aux_loss(self, hidden_states: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """0, plus in training the weighted loss of the capacity predictor's guess of ``routing`` (as
+        ``MoEFeedForward``: on the detached tokens; also kept as ``predictor_loss``)."""
+        self.predictor_loss = None
+        aux = hidden_states.new_zeros((), dtype=torch.float32)
+        if self.capacity_predictor is None or not self.training:
+            return aux
+        predicted = self.capacity_predictor(hidden_states.detach()).reshape(-1, self.num_experts)  # (N*T, E)
+        self.predictor_loss = capacity_predictor_loss(predicted, routing)
+        return aux + self.predictor_weight * self.predictor_loss
+
 
 def use_expert_choice(module: torch.nn.Module, config: DiTConfig) -> int:
     """After ``deepspeed.initialize``: route every AutoEP layer of ``module`` by ``config``'s expert choice
-    (capacity factor, routing pool). Parameters, groups and checkpoints stay AutoEP's. Returns the layers set."""
+    (capacity factor, routing pool) with its capacity predictor, if ``config`` has one. Parameters, groups and
+    checkpoints stay AutoEP's. Returns the layers set."""
     layers = [m for m in module.modules() if isinstance(m, AutoEPMoELayer)]
     for layer in layers:
+        predictor = getattr(layer, "capacity_predictor", None)
+        if config.capacity_predictor and predictor is None:
+            raise RuntimeError("an AutoEP layer lacks the model's capacity predictor: run deepspeed.initialize "
+                               "inside expert_parallel.keep_capacity_predictors (ditmoe.parallel.engine.initialize)")
         layer.__class__ = ExpertChoiceEPLayer  # same object and state: only the forward changes
         layer.capacity_factor = config.capacity_factor
         layer.routing_pool = config.routing_pool
         layer.routing_group_size = config.routing_group_size
-        layer.aux_loss, layer.expert_counts = None, None
+        if predictor is None:
+            layer.capacity_predictor = None
+        layer.capacity_threshold = config.capacity_threshold if predictor is not None else None
+        layer.predictor_weight = config.capacity_predictor_weight
+        layer.aux_loss, layer.expert_counts, layer.predictor_loss = None, None, None
     return len(layers)

@@ -1,10 +1,16 @@
 """Expert parallelism through DeepSpeed AutoEP: config, checks, DiT-MoE balance loss, names back to ours.
 
 AutoEP replaces each ``blocks.{i}.mlp`` MoE module with ``AutoEPMoELayer``: router ``router.gate``
-(our ``gate``), local experts ``experts.w1/w3/w2`` (gate rows / up rows of our ``gate_up_proj``, and
-``down_proj``) holding experts ``[ep_rank·E/ep, (ep_rank+1)·E/ep)``, our ``shared_experts`` reused.
+(our ``gate``), local experts ``experts.w1/w3/w2`` holding experts ``[ep_rank·E/ep, (ep_rank+1)·E/ep)``
+(the two halves of the rows of our ``gate_up_proj``/``up_proj``, and ``down_proj``: see ``ep_experts``),
+our ``shared_experts`` reused, and our ``capacity_predictor`` carried over (:func:`keep_capacity_predictors`).
+
+Around ``deepspeed.initialize``: :func:`prepare_for_autoep` before the optimizer is built,
+:func:`keep_capacity_predictors` during it (``ditmoe.parallel.engine.initialize``), :func:`adapt_autoep_layers`
+after it.
 """
 
+import contextlib
 import re
 
 import torch
@@ -14,26 +20,34 @@ from ditmoe.model.config import DiTConfig
 from ditmoe.model.routing import balance_loss, count_per_expert
 from ditmoe.weights import autoep
 
+from .distributed import check_collective_inputs
+
 MOE_LAYER_PATTERN = r"blocks\.\d+\.mlp"
+GELU_HALVES = "gelu_tanh_halves"  #: AutoEP's activation of GELU experts split into halves (``ep_experts``)
 
 
-def autoep_config(ep_size: int, model_config: DiTConfig, *, grouped_mm: bool | None = None) -> dict:
+def autoep_config(ep_size: int, model_config: DiTConfig) -> dict:
     """The ``expert_parallel`` section of a DeepSpeed config (disabled for ``ep_size == 1``).
 
     A custom preset (no ``preset_model``, no ``model_type``): no Transformers version check applies.
-    ``grouped_mm`` (default: CUDA available) selects ``torch._grouped_mm`` over the per-expert loop.
+    SwiGLU experts are read from our ``gate_up_proj`` (gate rows first); GELU experts from the halves
+    :func:`prepare_for_autoep` lays out. AutoEP's own expert loop is never run: :func:`adapt_autoep_layers`
+    computes the experts with ditmoe's grouped GEMM.
     """
     if ep_size == 1:
         return {"enabled": False}
+    if model_config.expert_activation == "gelu":
+        experts = {"expert_w1": "w1", "expert_w2": "w2", "expert_w3": "w3", "expert_activation": GELU_HALVES}
+    else:  # gate and up fused, gate rows first
+        experts = {"expert_w1": "gate_up_proj", "expert_w2": "down_proj", "expert_w3": None,
+                   "expert_activation": "swiglu"}
     return {
         "enabled": True,
         "autoep_size": ep_size,
         "moe_layer_pattern": MOE_LAYER_PATTERN,
         "router_pattern": "gate",
         "expert_pattern": "experts",
-        "expert_w1": "gate_up_proj",
-        "expert_w2": "down_proj",
-        "expert_w3": None,  # gate and up fused, gate rows first
+        **experts,
         "num_experts_attr": "num_experts",
         "top_k_attr": "top_k",
         "score_func": "softmax",
@@ -41,8 +55,7 @@ def autoep_config(ep_size: int, model_config: DiTConfig, *, grouped_mm: bool | N
         "route_norm": bool(model_config.norm_topk_prob),
         "has_shared_experts": model_config.shared_hidden > 0,
         "shared_experts_pattern": "shared_experts",
-        "expert_activation": "swiglu",
-        "use_grouped_mm": torch.cuda.is_available() if grouped_mm is None else grouped_mm,
+        "use_grouped_mm": False,  # AutoEP's loop only runs if adapt_autoep_layers is skipped
     }
 
 
@@ -73,16 +86,15 @@ def validate_ep(ep_size: int, num_experts: int, world_size: int, zero_stage: int
 
 
 def check_ep_model(ep_size: int, model_config: DiTConfig) -> None:
-    """Raise a ValueError for a model expert parallelism cannot hold: AutoEP's experts are SwiGLU (gated) only,
-    and its layer replaces the whole MoE module, which would drop a capacity predictor."""
+    """Raise a ValueError for a model expert parallelism cannot hold: GELU experts go to AutoEP as the two
+    halves of their hidden units, each computed by a grouped GEMM whose output rows must span a multiple of
+    16 bytes (8 units in bf16), so their width must be a multiple of 16."""
     if ep_size == 1:
         return
-    if model_config.expert_activation != "swiglu":
-        raise ValueError(f"expert parallelism (ep_size={ep_size}) runs through DeepSpeed AutoEP, whose experts are "
-                         f"SwiGLU only: expert_activation={model_config.expert_activation!r} needs ep_size=1")
-    if model_config.capacity_predictor:
-        raise ValueError(f"expert parallelism (ep_size={ep_size}) does not hold a capacity predictor (AutoEP replaces "
-                         "the whole MoE module): capacity_predictor=true needs ep_size=1")
+    if model_config.expert_activation == "gelu" and model_config.expert_hidden % 16:
+        raise ValueError(f"expert parallelism (ep_size={ep_size}) splits each GELU expert's hidden units into two "
+                         f"halves of whole 16-byte rows: expert width {model_config.expert_hidden} (expert_ratio x "
+                         "hidden_size) must be a multiple of 16, or use ep_size=1")
 
 
 def moe_param_groups(model: torch.nn.Module, ep_size: int, zero_stage: int) -> list[dict]:
@@ -109,6 +121,53 @@ def _autoep_layers(module: torch.nn.Module):
     from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
 
     return [(name, m) for name, m in module.named_modules() if isinstance(m, AutoEPMoELayer)]
+
+
+def prepare_for_autoep(model: torch.nn.Module, ep_size: int) -> int:
+    """Before the optimizer is built and ``deepspeed.initialize``: lay out GELU experts the way AutoEP reads
+    them (``ep_experts.GeluExpertHalves``, same weights) and register their activation with AutoEP.
+    Returns the layers changed (0 without EP or with SwiGLU experts)."""
+    if ep_size == 1:
+        return 0
+    from .ep_experts import present_gelu_experts
+
+    return present_gelu_experts(model)
+
+
+@contextlib.contextmanager
+def keep_capacity_predictors():
+    """Around ``deepspeed.initialize``: when AutoEP puts its layer in place of one of our MoE layers, the new
+    layer adopts the old one's ``capacity_predictor`` under the same name. This happens before DeepSpeed names
+    the parameters, partitions them (ZeRO-3) and re-points the optimizer, so the predictor trains, is
+    checkpointed and converted like any replicated weight."""
+    from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
+
+    def adopt(parent: torch.nn.Module, name: str, child):
+        predictor = getattr(parent._modules.get(name), "capacity_predictor", None)
+        if isinstance(child, AutoEPMoELayer) and predictor is not None:
+            child.capacity_predictor = predictor
+
+    handle = torch.nn.modules.module.register_module_module_registration_hook(adopt)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def adapt_autoep_layers(module: torch.nn.Module, config: DiTConfig) -> int:
+    """After ``deepspeed.initialize``: the AutoEP layers of ``module`` compute their experts with ditmoe's grouped
+    GEMM and route as ``config`` says (expert choice with its capacity predictor, or token choice with DiT-MoE's
+    balance loss). Returns the number of AutoEP layers."""
+    if not _autoep_layers(module):
+        return 0
+    from .ep_experts import use_ditmoe_experts
+
+    use_ditmoe_experts(module)
+    if config.routing == "expert_choice":
+        from .expert_choice_ep import use_expert_choice
+
+        return use_expert_choice(module, config)
+    return attach_balance_loss(module, config.balance_loss_alpha)
 
 
 def attach_balance_loss(model: torch.nn.Module, alpha: float | None = None) -> int:
@@ -155,7 +214,9 @@ def _full(param: torch.Tensor, local: torch.Tensor | None = None) -> torch.Tenso
         local = param.ds_tensor
     group = param.ds_process_group
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, local.detach().contiguous(), group=group)
+    local = local.detach().contiguous()
+    check_collective_inputs("all_gather of a ZeRO-3 partition", local, *parts)
+    dist.all_gather(parts, local, group=group)
     return torch.cat(parts)[: param.ds_numel].view(param.ds_shape).clone()
 
 
@@ -164,7 +225,9 @@ def _all_experts(local: torch.Tensor, layer) -> torch.Tensor:
     if layer.ep_size == 1:
         return local
     parts = [torch.empty_like(local) for _ in range(layer.ep_size)]
-    dist.all_gather(parts, local.contiguous(), group=layer.ep_group)
+    local = local.contiguous()
+    check_collective_inputs("all_gather of the experts", local, *parts)
+    dist.all_gather(parts, local, group=layer.ep_group)
     return torch.cat(parts)
 
 

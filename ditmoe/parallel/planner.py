@@ -15,7 +15,7 @@ b = 2 for bf16, 4 for fp32), partitioned over the data-parallel group of each pa
 Activations are the tensors autograd saves, counted per block in :func:`block_activation_bytes`.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import torch
@@ -273,6 +273,22 @@ def communication_per_gpu(config: DiTConfig, layout: Layout) -> dict[str, float]
         # ZeRO-0: all-reduce; ZeRO-1/2: all-gather of the updated parameter partitions
         "param_all_gather_after_step": 0.0 if stage == 3 else dense_bytes + expert_bytes,
     }
+
+
+def peak_memory(result: dict) -> float:
+    """Bytes per GPU a :func:`plan` result needs: the larger of the training step and the checkpoint."""
+    return max(result["memory_step_total"], result["memory_checkpoint_total"])
+
+
+def smallest_fitting_nodes(config: DiTConfig, layout: Layout, device_bytes: float, max_nodes: int) -> int | None:
+    """The fewest nodes, at most ``max_nodes``, on which ``layout`` (its node count replaced) needs at most
+    ``device_bytes`` per GPU (:func:`peak_memory`); None if none does. Node counts whose world size the EP size
+    does not divide are skipped; any other layout error is raised."""
+    for nodes in range(1, max_nodes + 1):
+        candidate = replace(layout, nodes=nodes)
+        if candidate.world % candidate.ep_size == 0 and peak_memory(plan(config, candidate)) <= device_bytes:
+            return nodes
+    return None
 
 
 def plan(config: DiTConfig, layout: Layout) -> dict:

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from ..model import DiTConfig
-from .planner import Layout, plan
+from .planner import Layout, peak_memory, plan
 
 GIB = 2**30
 MEMORY_LINES = {
@@ -42,8 +42,7 @@ class PlanReport:
     @property
     def fits(self) -> bool:
         """Both the training step and the checkpoint fit in ``gpu_memory``."""
-        peak = max(self.result["memory_step_total"], self.result["memory_checkpoint_total"])
-        return peak <= self.gpu_memory * GIB
+        return peak_memory(self.result) <= self.gpu_memory * GIB
 
     def to_json(self) -> dict:
         return {"preset": self.preset, "image_size": self.resolution, "layout": vars(self.layout), **self.result,

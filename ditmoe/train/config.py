@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..config_file import dump_config, file_format, read_config_file
 from ..model import DiTConfig, get_preset
+from ..model.grouped_gemm import EXPERT_GEMMS
 from ..settings import apply_overrides, check_values, format_value
 
 
@@ -37,6 +38,7 @@ class TrainConfig:
     ep_size: int = 1  #: Expert-parallel group size through DeepSpeed AutoEP (1: off).
     activation_checkpointing: int = 0  #: Recompute every n-th block in backward (0: off, 1: every block).
     compile: bool = False  #: Compile each transformer block with torch.compile (regional compilation).
+    expert_gemm: str = "auto"  #: Expert GEMMs: 'torch', 'triton' (no host syncs), or 'auto' (Triton where torch syncs).
     deepspeed_config: str | None = None  #: DeepSpeed JSON config file; batch sizes are filled in from these settings.
     resume: str | None = None  #: Checkpoint to resume from: 'auto' (newest complete one in out, if any) or a directory.
     init_from: str | None = None  #: Start from the weights of a tools/upcycle.py folder (fresh optimizer, step 0).
@@ -67,6 +69,8 @@ class TrainConfig:
         for name in ("ema_decay", "adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
+        if self.expert_gemm not in EXPERT_GEMMS:
+            raise ValueError(f"expert_gemm must be one of {', '.join(EXPERT_GEMMS)}, got {self.expert_gemm!r}")
         if self.init_from is not None and self.resume is not None:
             raise ValueError("init_from and resume exclude each other: --init-from starts a run from weights, "
                              "--resume continues one")

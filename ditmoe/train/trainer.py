@@ -19,12 +19,19 @@ import torch
 from ..diffusion import objective_for
 from ..model import DiT, DiTConfig
 from ..model.conditioning import Caption, Condition, condition_to, index_condition
-from ..model.grouped_gemm import grouped_mm_synchronizes
+from ..model.grouped_gemm import expert_gemm_waits, set_expert_gemm
 from ..parallel import engine as ds_engine
 from ..parallel.activation_checkpointing import apply_activation_checkpointing, checkpointed_blocks
 from ..parallel.compile import apply_compile, compile_loss
 from ..parallel.distributed import init_distributed, on_rank0
-from ..parallel.expert_parallel import attach_balance_loss, autoep_config, check_ep_model, moe_param_groups, validate_ep
+from ..parallel.expert_parallel import (
+    adapt_autoep_layers,
+    autoep_config,
+    check_ep_model,
+    moe_param_groups,
+    prepare_for_autoep,
+    validate_ep,
+)
 from ..parallel.planner import fitting_zero_stage
 from .checkpointer import Checkpointer
 from .config import TrainConfig, write_run_config
@@ -104,6 +111,7 @@ class Trainer:
         self.config = config
         self.rank, self.world, self.device = init_distributed()
         self.is_rank0 = self.rank == 0  # writes config, metrics, EMA and meta files, prints
+        set_expert_gemm(config.expert_gemm)
         self.out = Path(config.out)
         self.model_config = config.model_config()
         self.run_folder = RunFolder(self.out)
@@ -127,17 +135,16 @@ class Trainer:
         self.divergence = DivergenceGuard(config.max_nonfinite_steps, self.device, self.step)
 
     def _warn_if_experts_wait_for_the_gpu(self):
-        """Say so when this GPU and dtype send the experts' grouped GEMMs (ep_size 1) to PyTorch's fallback,
-        which reads the group offsets back to the host on every call."""
-        if not self.moe_blocks or self.config.ep_size > 1 or self.device.type != "cuda":
+        """Say so when the experts' grouped GEMMs (with or without EP) run PyTorch's fallback on this GPU and dtype,
+        which reads the group offsets back to the host on every call (expert_gemm=torch, or auto without Triton)."""
+        if not self.moe_blocks or not expert_gemm_waits(self.dtype, self.device):
             return
         capability = torch.cuda.get_device_capability(self.device)
-        if grouped_mm_synchronizes(self.dtype, capability):
-            warnings.warn(f"the experts' grouped GEMMs in {self.dtype} on this GPU (compute capability "
-                          f"{capability[0]}.{capability[1]}) run PyTorch's fallback, which copies the group offsets "
-                          "to the host: 6 device synchronisations per MoE layer and micro-batch (8 with activation "
-                          "checkpointing). Train in bf16 on a compute capability 9.x/10.x GPU for steps that never "
-                          "wait for the device.", stacklevel=2)
+        warnings.warn(f"the experts' grouped GEMMs in {self.dtype} on this GPU (compute capability "
+                      f"{capability[0]}.{capability[1]}) run PyTorch's fallback, which copies the group offsets "
+                      "to the host: 6 device synchronisations per MoE layer and micro-batch (8 with activation "
+                      f"checkpointing). expert_gemm={self.config.expert_gemm!r}: use 'auto' or 'triton' (with "
+                      "Triton installed) for steps that never wait for the device.", stacklevel=2)
 
     def loader_text_encoder(self) -> dict | None:
         """The text encoder the training captions were embedded with (None for class labels): sampling uses it."""
@@ -162,6 +169,7 @@ class Trainer:
             apply_compile(model, zero3=self.zero_stage == 3,
                           checkpointed=checkpointed_blocks(len(model.blocks), config.activation_checkpointing))
         apply_activation_checkpointing(model, config.activation_checkpointing)
+        prepare_for_autoep(model, config.ep_size)  # GELU experts as AutoEP reads them, before the optimizer
         self.objective = objective_for(config.objective, self.model_config)
         if config.compile:
             compile_loss(self.objective)
@@ -170,12 +178,7 @@ class Trainer:
             (config.adam_beta1, config.adam_beta2), cpu_offload=ds_engine.offloads_optimizer(self.ds_config),
         )
         self.engine, self.optimizer = ds_engine.initialize(model, optimizer, self.ds_config)
-        if self.model_config.routing == "expert_choice":
-            from ..parallel.expert_choice_ep import use_expert_choice
-
-            use_expert_choice(self.engine.module, self.model_config)  # AutoEP layers (EP > 1) routed by expert choice
-        else:
-            attach_balance_loss(self.engine.module)
+        adapt_autoep_layers(self.engine.module, self.model_config)  # EP > 1: ditmoe's experts GEMM and routing
         self.ema = EMA(self.engine.module, config.ema_decay)
         self.dtype = torch.bfloat16 if ds_engine.uses_bf16(self.ds_config) else torch.float32
 

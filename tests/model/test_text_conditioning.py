@@ -50,7 +50,7 @@ def test_tiny_preset_is_the_briefed_ec_dit():
 
 
 @pytest.mark.parametrize("size,layers,hidden,heads,kv_heads", [
-    ("XL", 28, 1152, 18, 6), ("XXL", 38, 1536, 24, 6), ("3XL", 42, 2304, 36, 6), ("M", 42, 3072, 48, 12)])
+    ("XL", 28, 1152, 18, 6), ("XXL", 38, 1536, 24, 6), ("3XL", 42, 2304, 36, 6), ("M", 38, 3072, 48, 12)])
 @pytest.mark.parametrize("experts", [8, 16, 32, 64])
 def test_ec_dit_presets(size, layers, hidden, heads, kv_heads, experts):
     c = get_preset(f"EC-DiT-{size}-{experts}E")

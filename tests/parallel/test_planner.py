@@ -1,5 +1,8 @@
 """Planner: estimates against memory measured on CPU, partitioning arithmetic, errors."""
 
+import json
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -16,8 +19,10 @@ from ditmoe.parallel.planner import (
     forward_flops_per_image,
     memory_per_gpu,
     parameter_split,
+    peak_memory,
     plan,
     saved_activation_bytes,
+    smallest_fitting_nodes,
 )
 
 from conftest import load_tool, run_cli
@@ -161,13 +166,14 @@ def test_flops():
 @pytest.mark.parametrize("preset, changes, message", [
     ("tiny", {"ep_size": 3}, r"--ep-size 3 does not divide the number of experts \(4\)"),
     ("tiny", {"ep_size": 4, "nodes": 1, "gpus_per_node": 2}, r"--ep-size 4 does not divide the world size 2"),
-    ("tiny-gelu", {}, r"expert parallelism \(ep_size=2\) runs through DeepSpeed AutoEP, whose experts are SwiGLU only"),
+    ("tiny-gelu", {}, r"splits each GELU expert's hidden units .* expert width 8 .* must be a multiple of 16"),
     ("DiT-S/2", {}, r"--ep-size 2 needs a mixture-of-experts preset"),
     ("tiny", {"micro_batch": 0}, r"--micro-batch-size 0 must be >= 1"),
 ])
 def test_layout_errors(preset, changes, message):
     layout = Layout(**{**vars(tiny_layout(3)), **changes})
-    config = get_preset("tiny").replace(expert_activation="gelu") if preset == "tiny-gelu" else get_preset(preset)
+    gelu = get_preset("tiny").replace(expert_activation="gelu", expert_ratio=0.25)  # experts 8 units wide
+    config = gelu if preset == "tiny-gelu" else get_preset(preset)
     with pytest.raises(ValueError, match=message):
         check_layout(config, layout)
 
@@ -207,3 +213,77 @@ def test_fitting_zero_stage_is_the_lowest_that_fits():
     for stage in (1, 2, 3):  # a device just large enough for each stage gets that stage
         assert fitting_zero_stage(xl, world=8, device_bytes=int(totals[stage] / 0.9) + 1, **common) == stage
     assert fitting_zero_stage(xl, world=8, device_bytes=2**30, **common) == 3  # nothing fits: the most partitioned
+
+
+# EC-DiT-M-64E counted by hand: D = 3072, 38 blocks (19 MoE), 48 heads, 12 KV heads of 64 (K/V width 768),
+# 64 GELU experts of F = 4D, captions of 120 tokens of width 4096, 4 output channels.
+M_D, M_KV, M_F = 3072, 768, 4 * 3072
+M_EXPERT = 19 * 64 * 2 * M_F * M_D  # up and down projections, no biases
+M_ATTENTION = M_D * M_D + M_D + M_D * 2 * M_KV + 2 * M_KV + M_D * M_D + M_D  # q, kv, proj
+M_BLOCK = 6 * M_D * M_D + 6 * M_D + 2 * M_ATTENTION  # adaLN, self- and cross-attention
+M_DENSE = (
+    4 * 2 * 2 * M_D + M_D  # patch embedding
+    + 256 * M_D + M_D + M_D * M_D + M_D  # timestep MLP
+    + 4096 * M_D + M_D + M_D * M_D + M_D + 120 * 4096  # caption projection, null caption
+    + 38 * M_BLOCK + 19 * (2 * M_D * M_F + M_F + M_D) + 19 * M_D * 64  # blocks, dense MLPs, routers
+    + 2 * M_D * M_D + 2 * M_D + M_D * 16 + 16  # final adaLN and linear
+)
+M_LAYOUT = Layout(nodes=4, gpus_per_node=8, zero_stage=3, ep_size=8, micro_batch=64, act_ckpt=1, precision="bf16")
+
+
+def test_ec_dit_m_64e_partitioned_by_hand():
+    """ZeRO-3 with EP 8 on 4 nodes of 8: dense parameters over 32 ranks, the 8 local experts over the 4 ranks
+    that hold them."""
+    config = get_preset("EC-DiT-M-64E")
+    split = parameter_split(config)
+    assert (split["expert"], split["dense"], split["buffers"]) == (M_EXPERT, M_DENSE, 256 * M_D)
+    assert M_EXPERT == 91_804_925_952 and M_DENSE == 5_436_235_792
+    local = M_DENSE / 32 + M_EXPERT / 8 / 4  # 3,038,786,304.5 parameters on each rank
+    memory = memory_per_gpu(config, M_LAYOUT)
+    assert memory["parameters"] == 2 * local + 2 * 256 * M_D  # bf16; the positional table whole
+    assert memory["gradients"] == 2 * local
+    assert memory["optimizer"] == 16 * local  # 45.28 GiB: fp32 master, its gradient, two moments
+    assert memory["ema"] == 4 * local
+    # two gathered blocks: an MoE block's dense parameters and its 8 local experts
+    assert memory["zero3_gathered"] == 2 * 2 * (M_BLOCK + M_D * 64 + 8 * 2 * M_F * M_D)
+
+
+def test_smallest_fitting_nodes():
+    config = get_preset("EC-DiT-M-64E")
+    peaks = {n: peak_memory(plan(config, replace(M_LAYOUT, nodes=n))) / 2**30 for n in (3, 4, 5)}
+    assert peaks[3] > 80 >= peaks[4] and peaks[4] > 72 >= peaks[5]
+    assert smallest_fitting_nodes(config, M_LAYOUT, 80 * 2**30, max_nodes=16) == 4
+    assert smallest_fitting_nodes(config, M_LAYOUT, 72 * 2**30, max_nodes=16) == 5
+    assert smallest_fitting_nodes(config, M_LAYOUT, 8 * 2**30, max_nodes=16) is None
+
+
+def test_smallest_fitting_nodes_skips_worlds_ep_does_not_divide():
+    layout = Layout(nodes=1, gpus_per_node=3, zero_stage=3, ep_size=2, micro_batch=1)  # 1 node: world 3
+    assert smallest_fitting_nodes(get_preset("tiny"), layout, 2**40, max_nodes=4) == 2
+    with pytest.raises(ValueError, match="--ep-size 3 does not divide the number of experts"):
+        smallest_fitting_nodes(get_preset("tiny"), replace(layout, ep_size=3), 2**40, max_nodes=4)
+
+
+EC_M_ARGS = ["--preset", "EC-DiT-M-64E", "--gpus-per-node", "8", "--zero-stage", "3", "--ep-size", "8",
+             "--micro-batch-size", "64", "--activation-checkpointing"]
+
+
+def test_cli_find_nodes(capsys):
+    tool = load_tool("plan")
+    tool.main([*EC_M_ARGS, "--find-nodes", "--gpu-memory-gib", "80"])
+    out = capsys.readouterr().out
+    assert out.startswith("smallest node count that fits 80 GiB per GPU: 4 (32 GPUs); 3 nodes need 101.83 GiB\n")
+    assert "4 nodes x 8 GPUs = 32 ranks" in out and "fits in 80 GB: yes" in out
+    tool.main([*EC_M_ARGS, "--find-nodes", "--gpu-memory-gib", "80", "--json"])
+    assert json.loads(capsys.readouterr().out)["smallest_fitting_nodes"] == 4
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main([*EC_M_ARGS, "--find-nodes", "3"])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().out.startswith("no node count up to 3 fits 80 GiB per GPU: 3 nodes need 101.83 GiB")
+
+
+@pytest.mark.parametrize("extra", [[], ["--nodes", "4", "--find-nodes"]])
+def test_cli_needs_nodes_or_find_nodes(extra, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_tool("plan").main([*EC_M_ARGS, *extra])
+    assert exit_info.value.code == 2 and "give one of --nodes and --find-nodes" in capsys.readouterr().err

@@ -31,6 +31,17 @@ def test_sample_tool_is_deterministic_per_seed(trained_digits_run, tmp_path):
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
+@pytest.mark.slow
+def test_sample_tool_with_triton_experts_draws_the_torch_samples(trained_digits_run, tmp_path):
+    """--expert-gemm triton (DeepSpeed's kernels, in Triton's interpreter here) samples what torch does."""
+    args = ["tools/sample.py", "--ckpt", str(trained_digits_run), "--num-samples", "4", "--sampler", "ddim",
+            "--steps", "3", "--batch-size", "4"]
+    for kernel in ("torch", "triton"):
+        run_cli([*args, "--out", str(tmp_path / f"{kernel}.npz"), "--expert-gemm", kernel])
+    torch_images, triton_images = (np.load(tmp_path / f"{k}.npz")["arr_0"].astype(int) for k in ("torch", "triton"))
+    assert np.abs(triton_images - torch_images).max() <= 1 and torch_images.std() > 0
+
+
 def test_sample_tool_missing_checkpoint(tmp_path):
     proc = run_cli(["tools/sample.py", "--ckpt", str(tmp_path / "none"), "--out", str(tmp_path / "s.npz"),
                     "--num-samples", "4"], check=False)

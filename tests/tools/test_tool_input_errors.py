@@ -161,8 +161,9 @@ PLAN = ["--preset", "tiny", "--nodes", "1", "--gpus-per-node", "2", "--zero-stag
     ("--image-size", "-256", "--image-size must be positive, got -256"),
     ("--gpu-memory", "0", "--gpu-memory must be positive, got 0.0"),
     ("--gpu-memory", "-80", "--gpu-memory must be positive, got -80.0"),
-    ("--gpu-memory", "nan", "argument --gpu-memory: 'nan' is not a finite number"),
-    ("--gpu-memory", "inf", "argument --gpu-memory: 'inf' is not a finite number"),
+    ("--gpu-memory-gib", "-80", "--gpu-memory-gib must be positive, got -80.0"),
+    ("--gpu-memory-gib", "nan", "argument --gpu-memory-gib: 'nan' is not a finite number"),
+    ("--gpu-memory", "inf", "argument --gpu-memory-gib: 'inf' is not a finite number"),
     ("--activation-checkpointing", "-1", "--activation-checkpointing -1 must be >= 0 (0: off, n: every n-th block)"),
 ])
 def test_plan_sizes_must_be_positive(capsys, flag, value, message):

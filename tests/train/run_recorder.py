@@ -7,7 +7,7 @@ Each SETTING is a ``--set`` item of ``python -m ditmoe.train`` (``out`` defaults
 A ``TorchFunctionMode`` sees every tensor method and torch function called during training; calls that
 read a device value back to the host (or launch work whose size depends on one) are recorded with the
 trainer phase they ran in (step, boundary, log, checkpoint), the step, and the first caller outside torch.
-OUT.json maps NAME -> {"syncs": [...], "losses": {step: loss}, "graphs": n, "graph_breaks": n}.
+OUT.json maps NAME -> {"syncs": [...], "triton_launches": n, "losses": {step: loss}, "graphs": n, "graph_breaks": n}.
 """
 
 import json
@@ -19,6 +19,7 @@ import torch
 from torch._dynamo.utils import counters
 from torch.overrides import TorchFunctionMode
 
+from ditmoe.model import triton_grouped_gemm
 from ditmoe.train.config import resolve_config
 from ditmoe.train.trainer import Trainer
 
@@ -88,8 +89,15 @@ def record_run(out: Path, settings: list[str]) -> dict:
     torch._dynamo.reset()
     counters.clear()
     config = resolve_config(None, {"out": str(out)}, settings)
-    holder = {}
+    holder, launches = {}, {"n": 0}
     counter = SyncCounter(lambda: holder.get("trainer"))
+    launch = triton_grouped_gemm._launch
+
+    def counted_launch(*args, **kwargs):  # expert_gemm=triton: DeepSpeed's kernels really run
+        launches["n"] += 1
+        return launch(*args, **kwargs)
+
+    triton_grouped_gemm._launch = counted_launch
     with counter:
         trainer = holder["trainer"] = Trainer(config)
         trainer.train_step = in_phase(counter, "step", trainer.train_step)
@@ -99,9 +107,11 @@ def record_run(out: Path, settings: list[str]) -> dict:
         checkpointer.after_step = in_phase(counter, "boundary", checkpointer.after_step)
         counter.phase = "loop"
         trainer.train()
+    triton_grouped_gemm._launch = launch
     logged = [json.loads(line) for line in (Path(config.out) / "metrics.jsonl").read_text().splitlines()]
-    return {"syncs": counter.records, "losses": {r["step"]: r["loss"] for r in logged},
-            "graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values())}
+    return {"syncs": counter.records, "triton_launches": launches["n"],
+            "losses": {r["step"]: r["loss"] for r in logged}, "graphs": counters["stats"]["unique_graphs"],
+            "graph_breaks": sum(counters["graph_break"].values())}
 
 
 def main():

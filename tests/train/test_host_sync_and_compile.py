@@ -44,11 +44,14 @@ def sync_runs(tmp_path_factory):
             for kind, settings in KINDS.items() for stage in (1, 3)}
     runs["token_choice-zero1-bf16"] = f"{KINDS['token_choice']},{BASE},zero_stage=1,precision=bf16"
     runs["token_choice-zero0"] = f"{KINDS['token_choice']},{BASE},zero_stage=0"
+    for kind in ("token_choice", "expert_choice"):  # DeepSpeed's Triton kernels, in Triton's (slow) interpreter
+        runs[f"{kind}-zero1-triton"] = f"{KINDS[kind]},{BASE},zero_stage=1,expert_gemm=triton,global_batch_size=4"
     return record(tmp_path_factory.mktemp("sync"), runs)
 
 
 def test_no_host_synchronisation_in_steady_state_steps(sync_runs):
     for name, run in sync_runs.items():
+        assert (run["triton_launches"] > 0) == name.endswith("-triton"), name
         assert from_ditmoe(steady_syncs(run)) == [], name
         deepspeed = {r["caller"].rsplit(" in ", 1)[1] for r in steady_syncs(run)}
         assert deepspeed <= DEEPSPEED_READS, (name, deepspeed)
