@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 FORMATS = {".toml": "toml", ".yaml": "yaml", ".yml": "yaml"}
+MAX_FILE_BYTES = 1 << 20  # an experiment file is a few hundred bytes; anything near this is not one
 
 
 def file_format(path) -> str:
@@ -25,11 +26,15 @@ def read_config_file(path) -> dict:
     """The mapping in TOML/YAML file ``path``; errors name the file."""
     fmt = file_format(path)
     try:
+        if Path(path).stat().st_size > MAX_FILE_BYTES:
+            raise ValueError(f"{path}: config file of {Path(path).stat().st_size} bytes, more than {MAX_FILE_BYTES}")
         text = Path(path).read_text()
     except OSError as err:
         raise ValueError(f"{path}: cannot read config file: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     try:
-        data = tomllib.loads(text) if fmt == "toml" else yaml.safe_load(text)
+        data = tomllib.loads(text) if fmt == "toml" else _load_yaml_without_aliases(path, text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
         raise ValueError(f"{path}: invalid {fmt.upper()}: {err}") from None
     if data is None:
@@ -37,6 +42,29 @@ def read_config_file(path) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
     return data
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader refusing a key given twice in one mapping (TOML refuses it too)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _load_yaml_without_aliases(path, text: str):
+    """YAML without anchors and aliases (settings never need them, and nested aliases expand exponentially)
+    or duplicate keys."""
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            line = event.start_mark.line + 1
+            raise ValueError(f"{path}: line {line}: YAML anchors and aliases (&, *) are not allowed in settings")
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
 
 
 def dump_config(data: dict, fmt: str) -> str:

@@ -17,6 +17,8 @@ def generate(model, objective, labels: Condition, *, cfg_scale: float = 1.0, sam
     ``labels[b * batch_size:][:batch_size]`` and starts from noise seeded by ``seed + b``, so it comes out
     the same whichever batches are generated."""
     cfg = model.config
+    if guide_channels is not None and guide_channels > cfg.in_channels:
+        raise ValueError(f"--guide-channels {guide_channels}: the model has {cfg.in_channels} channels")
     device = next(model.parameters()).device
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     kwargs = {"cfg_scale": cfg_scale, "num_classes": cfg.num_classes, "guide_channels": guide_channels,

@@ -28,6 +28,11 @@ def type_name(kind) -> str:
     return kind.__name__ if isinstance(kind, type) else str(kind)
 
 
+def shorten(text: str, limit: int = 200) -> str:
+    """``text`` cut to ``limit`` characters (a value from a file may be huge)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def check_value(value, kind):
     """``value`` (read from a TOML/YAML file) as field type ``kind``; ``ValueError`` when it does not fit."""
     if isinstance(kind, types.UnionType):
@@ -43,7 +48,7 @@ def check_value(value, kind):
         return float(value)
     if isinstance(kind, type) and isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
-    raise ValueError(f"expected {type_name(kind)}, got {value!r}")
+    raise ValueError(f"expected {type_name(kind)}, got {shorten(repr(value))}")
 
 
 def parse_value(text: str, current):

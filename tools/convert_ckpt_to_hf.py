@@ -2,7 +2,7 @@
 
     python tools/convert_ckpt_to_hf.py --ckpt runs/demo --out hf/demo [--tag latest] \\
         [--weights ema|model] [--dtype fp32|bf16|fp16] [--max-shard-size 5GB] \\
-        [--text-encoder PATH_OR_ID [--text-max-length N]]
+        [--text-encoder PATH_OR_ID [--text-max-length N]] [--overwrite]
     python tools/convert_ckpt_to_hf.py --from official-ditmoe --ckpt dit_moe_s_8E2A.pt --out hf/s8
     python tools/convert_ckpt_to_hf.py --from dit --ckpt DiT-XL-2-256x256.pt --out hf/dit-xl
 
@@ -39,7 +39,8 @@ def shard_size(text: str) -> str:
 def build_parser():
     p = make_parser(__doc__)
     p.add_argument("--ckpt", required=True, help="run directory, checkpoints/ or tag directory; a .pt with --from")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (written beside it, then swapped in)")
+    p.add_argument("--overwrite", action="store_true", help="replace what a non-empty --out holds")
     p.add_argument("--tag", default="latest", help="checkpoint tag under the run (default: the latest)")
     p.add_argument("--weights", choices=["ema", "model"], default="ema", help="EMA (default) or trained weights")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the saved weights")
@@ -99,14 +100,25 @@ def load(args):
     return model, args.objective or default_objective(model.config), {}
 
 
+def check_paths(args) -> None:
+    """--tag names a checkpoint of the run (not a path elsewhere); --out does not hold the checkpoint being read
+    (--overwrite would delete it)."""
+    if Path(args.tag).name != args.tag or args.tag in (".", ".."):
+        raise ValueError(f"--tag {args.tag!r} must name a checkpoint of the run (step_XXXXXXXX or latest), not a path")
+    out, ckpt = Path(args.out).resolve(), Path(args.ckpt).resolve()
+    if ckpt == out or out in ckpt.parents:
+        raise ValueError(f"--out {args.out} holds the checkpoint --ckpt {args.ckpt}: export to another folder")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     with user_errors(RuntimeError):
+        check_paths(args)
         model, objective, meta = load(args)
         encoder, max_length = text_encoder(args, model, meta)
         params = export(model, args.out, objective=objective, dtype=args.dtype, max_shard_size=args.max_shard_size,
                         source=f"{args.source}:{Path(args.ckpt).name}", text_encoder=encoder,
-                        text_max_length=max_length)
+                        text_max_length=max_length, overwrite=args.overwrite)
     print(f"wrote {args.out} ({args.dtype}, {objective}): {params['total'] / 1e6:.3f}M parameters total, "
           f"{params['activated'] / 1e6:.3f}M activated")
 

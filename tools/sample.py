@@ -70,6 +70,9 @@ def parse_args(argv=None) -> SampleSettings:
         p.error(f"--out {args.out} must end in .npz")
     if not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
         p.error(f"--cfg-scale must be a number >= 0 (1: no guidance), got {args.cfg_scale}")
+    threshold = args.capacity_threshold
+    if threshold is not None and not (math.isfinite(threshold) and 0 <= threshold <= 1):
+        p.error(f"--capacity-threshold must be between 0 and 1, got {threshold}")
     return SampleSettings(**{**vars(args), "prompts": tuple(args.prompts)})
 
 

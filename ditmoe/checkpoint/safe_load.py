@@ -27,7 +27,10 @@ def safe_load(file: str | Path, *, allow: list[type] = (), mmap: bool = False):
             raise ValueError(f"checkpoint file {file}: ditmoe refuses to unpickle non-tensor type {refused[1]} "
                              "(loading it could run code from the file)") from err
         raise ValueError(f"checkpoint file {file} is truncated or corrupt ({_detail(err)})") from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile) as err:
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise  # their messages name the file and say what is wrong
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
+        # a truncated zip fails to map (EINVAL); a text file read as a legacy pickle, on its first byte (KeyError)
         raise ValueError(f"checkpoint file {file} is truncated or corrupt ({_detail(err)})") from err
 
 

@@ -256,12 +256,14 @@ class RecordReader:
     ``text_shape`` ``(L, D)``, for a dataset with captions), checking their framing.
 
     Calling it on one record's bytes returns ``(key, label, latent)``, or with ``text_shape``
-    ``(key, label, latent, text, text_length)``; anything unexpected raises
+    ``(key, label, latent, text, text_length)``; anything unexpected (a class label outside
+    ``[0, num_classes)`` when ``num_classes`` is given) raises
     :class:`CorruptShardError` naming the shard, the sample index and (when readable) the key.
     """
 
-    def __init__(self, shape, text_shape=None):
+    def __init__(self, shape, text_shape=None, num_classes=None):
         self.shape = tuple(shape)
+        self.num_classes = num_classes  # class labels must lie in [0, num_classes) (None: unchecked)
         self.count = math.prod(self.shape)
         self.npy_header = npy_header(self.shape)
         self.npy_size = len(self.npy_header) + 2 * self.count
@@ -283,6 +285,8 @@ class RecordReader:
                 raise ValueError(f"expected a KEY.cls member, found {name!r}")
             key = name[: -len(".cls")]
             label = int(buf[BLOCK:BLOCK + size])
+            if self.num_classes is not None and not 0 <= label < self.num_classes:
+                raise ValueError(f"class label {label} is outside [0, {self.num_classes}) (the manifest's num_classes)")
             name, size = _tar_header(buf, 2 * BLOCK)
             if name != f"{key}.{LATENT_EXT}" or size != self.npy_size:
                 raise ValueError(f"expected {key}.{LATENT_EXT} of {self.npy_size} bytes, found {name!r} of {size}")

@@ -54,7 +54,8 @@ class _Batches(IterableDataset):
         c, h, w = manifest["latent_shape"]
         self.shape = (2 if manifest["flip"] else 1, 2, c, h, w)  # (V, mean/std, C, H, W)
         self.text_shape = manifest_text_shape(manifest)  # (L, D), or None without captions
-        self.parse = RecordReader(self.shape, self.text_shape)
+        classes = manifest["num_classes"] if self.text_shape is None else None  # captioned data: labels index prompts
+        self.parse = RecordReader(self.shape, self.text_shape, classes)
         self.scaling_factor = float(manifest["scaling_factor"])
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.per_rank = manifest["num_samples"] // world_size

@@ -2,9 +2,10 @@
 
 Each input shard becomes one latent shard of the same file name in the output directory. Input
 shard ``i`` goes to rank ``i % world_size``. A finished shard gets a sidecar ``NAME.tar.json``
-(counts, checksum, rejects), written after the tar is renamed into place; a rerun skips shards
-whose sidecar matches the settings. The last rank to finish writes ``rejects.jsonl`` and then
-``manifest.json``. Every sample read is either written or listed in the rejects with its reason.
+(counts, checksum, rejects, the input's size and modification time), written after the tar is renamed
+into place; a rerun skips shards whose sidecar matches the settings and whose input is unchanged. The
+last rank to finish writes ``rejects.jsonl`` and then ``manifest.json``. Every sample read is either
+written or listed in the rejects with its reason.
 
 Captions: with a text encoder (``Settings.text_encoder``), each sample's caption (its ``txt`` member, or
 key ``caption_key`` of its ``json`` member) is embedded by the frozen encoder, padded or truncated to
@@ -236,6 +237,12 @@ def _batched(iterable, size):
         yield batch
 
 
+def _source_stat(src) -> dict:
+    """What identifies the content of input shard ``src`` cheaply: its size and modification time."""
+    stat = Path(src).stat()
+    return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
 def _temp_path(path):
     """Where latent_format's writers (and ``finalize``) put ``path`` until it is complete."""
     return path.with_name(f"{path.name}.tmp{os.getpid()}")
@@ -301,6 +308,10 @@ class Precompute:
             raise ValueError(f"{side} belongs to input {part['source']}, not {Path(src).resolve()}")
         if not dst.is_file() or dst.stat().st_size != part["bytes"]:
             return None
+        if part.get("source_stat") != _source_stat(src):
+            tqdm.write(f"{src} changed since {dst.name} was written from it (size or modification time): redoing it",
+                       file=sys.stderr)
+            return None
         return part
 
     def _process(self, src, bar):
@@ -318,6 +329,7 @@ class Precompute:
 
     def _encode_shard(self, src, dst, bar):
         """Write the latent shard of ``src``; return its sidecar record (counts, checksum, rejects)."""
+        source_stat = _source_stat(src)  # before reading: a shard replaced meanwhile is redone next time
         reader = ImageShardReader(src)
         read, rejects, labels, seen = 0, [], [], set()
         with ShardWriter(dst) as writer:
@@ -333,7 +345,8 @@ class Precompute:
                 bar.update(len(batch))
             info = writer.close()
         assert info["num_samples"] + len(rejects) == read
-        return {**info, "source": str(Path(src).resolve()), "read": read, "rejected": len(rejects),
+        return {**info, "source": str(Path(src).resolve()), "source_stat": source_stat, "read": read,
+                "rejected": len(rejects),
                 "rejects": rejects, "tar_error": reader.error, "max_label": max(labels, default=-1),
                 "settings": self.fingerprint}
 

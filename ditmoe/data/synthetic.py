@@ -89,5 +89,5 @@ def write_random_latents(root, latent_shape, num_classes, n, seed=0):
     ``root`` (returned); the resolution recorded is that of an 8× VAE."""
     rng = np.random.default_rng(seed)
     write_latent_dataset(root, rng.standard_normal((n, *latent_shape), dtype=np.float32), 0.0,
-                         rng.integers(0, num_classes, n), resolution=8 * latent_shape[-1])
+                         rng.integers(0, num_classes, n), resolution=8 * latent_shape[-1], num_classes=num_classes)
     return root

@@ -11,13 +11,24 @@ from ..model.conditioning import Caption
 
 
 def read_prompts(prompts: tuple[str, ...] = (), prompts_file: str | None = None) -> list[str]:
-    """``--prompt`` items, then the non-empty lines of ``--prompts FILE``; ValueError if there are none."""
+    """``--prompt`` items, then the lines of ``--prompts FILE`` (an empty line before the last prompt is refused:
+    a prompt's index is its place); ValueError if there are none."""
     found = [p for p in prompts]
     if prompts_file is not None:
         path = Path(prompts_file)
         if not path.is_file():
             raise FileNotFoundError(f"--prompts {prompts_file}: no such file")
-        found += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as err:
+            raise ValueError(f"--prompts {prompts_file}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        while lines and not lines[-1].strip():  # empty lines at the end shift no prompt
+            lines.pop()
+        empty = [number for number, line in enumerate(lines, 1) if not line.strip()]
+        if empty:
+            raise ValueError(f"--prompts {prompts_file}: line {empty[0]} is empty (samples are indexed by prompt: "
+                             "remove empty lines)")
+        found += [line.strip() for line in lines]
     if not found or not all(p.strip() for p in found):
         raise ValueError("a text-conditioned model needs prompts: --prompt TEXT (repeatable) or --prompts FILE "
                          "(one per line), none empty")

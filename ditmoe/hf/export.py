@@ -1,8 +1,16 @@
 """Write a ditmoe model as a Hugging Face folder: config.json, (sharded) safetensors, the remote
-modeling code, the diffusion schedule and a model card."""
+modeling code, the diffusion schedule and a model card.
 
+The folder is written beside ``out`` and swapped in when complete: an export never mixes with an earlier
+one (a stale ``model.safetensors`` beside a new index would win in ``from_pretrained``), a failed one leaves
+nothing behind, and a non-empty ``out`` is replaced only when asked to."""
+
+import contextlib
 import json
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -41,9 +49,36 @@ def diffusion_config(objective: str, learn_sigma: bool) -> dict:
     raise ValueError(f"unknown objective {objective!r}; choose ddpm or rectified_flow")
 
 
+@contextlib.contextmanager
+def staged_folder(out: Path, overwrite: bool = False):
+    """Yield an empty folder beside ``out`` that replaces ``out`` when the block succeeds (removed if it fails).
+
+    A non-empty ``out`` is refused (FileExistsError) unless ``overwrite``; it is then deleted only once the new
+    folder is complete. Between the two renames of the swap ``out`` is briefly absent."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"--out {out} is not empty: pass --overwrite to replace what it holds")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    previous = out.with_name(f".{out.name}.replaced-{os.getpid()}") if out.exists() else None
+    if previous is not None:
+        os.rename(out, previous)
+    os.rename(staging, out)
+    if previous is not None:
+        shutil.rmtree(previous)
+
+
 def export(model: DiT, out: str | Path, *, objective: str, dtype: str = "fp32", max_shard_size: str = "5GB",
-           source: str = "", text_encoder: str | None = None, text_max_length: int | None = None) -> dict:
-    """Save ``model`` into ``out``; returns the parameter counts. ``source`` is named in the card.
+           source: str = "", text_encoder: str | None = None, text_max_length: int | None = None,
+           overwrite: bool = False) -> dict:
+    """Save ``model`` into the folder ``out`` (a non-empty one only with ``overwrite``: replaced as a whole);
+    returns the parameter counts. ``source`` is named in the card.
 
     Text-conditioned models: ``text_encoder`` (hub id or path of the frozen encoder the captions come from)
     and ``text_max_length`` (its tokens per prompt, default the model's ``text_len``) are recorded in
@@ -55,16 +90,15 @@ def export(model: DiT, out: str | Path, *, objective: str, dtype: str = "fp32", 
     config = DiTMoEConfig.from_dit_config(model.config, auto_map=AUTO_MAP, text_encoder_name_or_path=text_encoder,
                                           text_max_length=text_max_length)
     schedule = diffusion_config(objective, model.config.learn_sigma)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     hf_model = DiTMoEModel(config)
     hf_model.load_state_dict(hf.from_ditmoe(model.state_dict()))
     hf_model.to(DTYPES[dtype])
-    hf_model.save_pretrained(out, max_shard_size=shard_bytes)
-    write_remote_code(out)
-    (out / SCHEDULER_FILE).write_text(json.dumps(schedule, indent=2) + "\n")
     params = count_parameters(model.config)
-    (out / "README.md").write_text(model_card(config, schedule, params, dtype, source))
+    with staged_folder(Path(out), overwrite) as folder:
+        hf_model.save_pretrained(folder, max_shard_size=shard_bytes)
+        write_remote_code(folder)
+        (folder / SCHEDULER_FILE).write_text(json.dumps(schedule, indent=2) + "\n")
+        (folder / "README.md").write_text(model_card(config, schedule, params, dtype, source))
     return params
 
 

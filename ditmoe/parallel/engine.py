@@ -81,6 +81,10 @@ def load_config_file(path: str | None) -> dict | None:
     for key in ("zero_optimization", "bf16", "fp16", "checkpoint", "expert_parallel"):
         if key in config and not isinstance(config[key], dict):
             raise ValueError(f"--deepspeed-config {path}: {key!r} must be an object, got {config[key]!r}")
+    ignored = [key for key in ("optimizer", "scheduler") if key in config]
+    if ignored:
+        raise ValueError(f"--deepspeed-config {path}: ditmoe builds the optimizer (AdamW: --set lr, weight_decay, "
+                         f"adam_beta1, adam_beta2) and the schedule (lr_warmup_steps) itself: remove {ignored[0]!r}")
     return config
 
 

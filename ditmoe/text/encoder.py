@@ -11,6 +11,7 @@ embeddings at padding positions are set to zero (padding carries nothing).
 """
 
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -28,8 +29,20 @@ def offline() -> bool:
 
 
 def _first_line(err: BaseException) -> str:
+    if isinstance(err, pickle.UnpicklingError):  # torch's message advises weights_only=False: never do that here
+        return "its weights are a pickle holding objects other than tensors, which ditmoe refuses to load " \
+               "(it could run code from the file)"
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def check_max_length(name: str, max_length: int, config, tokenizer) -> None:
+    """A ValueError when ``max_length`` exceeds the encoder's positions (``max_position_embeddings``) or, for
+    relative-position encoders such as T5, its tokenizer's ``model_max_length``."""
+    for what, limit in (("max_position_embeddings", getattr(config, "max_position_embeddings", None)),
+                        ("tokenizer's model_max_length", getattr(tokenizer, "model_max_length", None))):
+        if isinstance(limit, int) and limit < 10**6 and max_length > limit:  # no limit: a huge sentinel
+            raise ValueError(f"text encoder {name!r}: max_length {max_length} exceeds its {what} {limit}")
 
 
 class TextEncoder:
@@ -66,15 +79,12 @@ class TextEncoder:
                 if getattr(model.config, "is_encoder_decoder", False):
                     model = model.get_encoder()
             tokenizer = transformers.AutoTokenizer.from_pretrained(name, **kwargs)
-        except (OSError, ValueError, KeyError, TypeError, ImportError) as e:
+        except Exception as e:  # noqa: BLE001 (a refused pickle, a truncated safetensors file, a bad config, ...)
             where = "a local directory" if local else ("the local cache (offline)" if kwargs["local_files_only"]
                                                        else "the hub")
             raise OSError(f"text encoder {name!r}: cannot load a transformers encoder and tokenizer from "
                           f"{where}: {_first_line(e)}") from None
-        limit = getattr(model.config, "max_position_embeddings", None)
-        if isinstance(limit, int) and max_length > limit:
-            raise ValueError(f"text encoder {name!r}: max_length {max_length} exceeds its "
-                             f"max_position_embeddings {limit}")
+        check_max_length(name, max_length, model.config, tokenizer)
         if tokenizer.pad_token is None:
             if tokenizer.eos_token is None:
                 raise ValueError(f"text encoder {name!r}: its tokenizer has neither a pad nor an eos token")

@@ -27,6 +27,7 @@ DIGIT_CAPTION_WORDS = ("digit", "eight", "five", "four", "handwritten", "image",
                        "seven", "six", "the", "three", "two", "zero")
 WORDS = tuple(sorted(set(COMMON_WORDS) | set(DIGIT_CAPTION_WORDS)))
 CLIP_MAX_POSITIONS = 77
+T5_MAX_LENGTH = 512  # the model_max_length of the T5 tokenizers (relative positions: no table to bound it)
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
@@ -69,7 +70,7 @@ def _clip_tokenizer():
 def _t5(width):
     from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
-    tokenizer = ByT5Tokenizer(extra_ids=0)  # bytes + pad, eos, unk: 259 ids
+    tokenizer = ByT5Tokenizer(extra_ids=0, model_max_length=T5_MAX_LENGTH)  # bytes + pad, eos, unk: 259 ids
     config = T5Config(vocab_size=len(tokenizer), d_model=width, d_kv=max(1, width // 2), d_ff=2 * width,
                       num_layers=2, num_decoder_layers=0, num_heads=2, relative_attention_num_buckets=8,
                       relative_attention_max_distance=32, dropout_rate=0.0, pad_token_id=tokenizer.pad_token_id,

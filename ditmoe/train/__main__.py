@@ -9,6 +9,7 @@ import argparse
 import json
 
 from ..cli import make_parser, user_errors
+from ..data.latent_format import CorruptShardError
 from ..model import get_preset
 from ..settings import describe, field_docs
 from .config import TrainConfig, apply_settings, preset_train_config, read_experiment
@@ -77,7 +78,7 @@ def settings_listing(preset: str) -> str:
 
 def main(argv=None):
     args, config = parse_settings(argv)
-    with user_errors():
+    with user_errors(CorruptShardError):
         if args.list_settings:
             print(settings_listing(config.preset))
             return

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,6 +10,13 @@ from ..config_file import dump_config, file_format, read_config_file
 from ..model import DiTConfig, get_preset
 from ..model.grouped_gemm import EXPERT_GEMMS
 from ..settings import apply_overrides, check_values, format_value
+
+OBJECTIVES = ("ddpm", "rectified_flow")
+PRECISIONS = ("auto", "fp32", "bf16")
+#: Settings that fix a run's data order and noise: a resume never changes them.
+DATA_ORDER = ("seed", "global_batch_size")
+#: Settings that change what is optimised: a resume changes them only when ``resume_changes`` names them.
+RESUME_CHANGES = ("objective", "text_encoder")
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,7 @@ class TrainConfig:
     init_from: str | None = None  #: Start from the weights of a tools/upcycle.py folder (fresh optimizer, step 0).
     overwrite: bool = False  #: Start over in an out that holds a run: delete its checkpoints, metrics and events first.
     resume_universal: bool = False  #: Resume through DeepSpeed's universal checkpoint (another world or EP size).
+    resume_changes: str = ""  #: Comma-separated settings a resume may change on purpose: objective, text_encoder.
     log_every: int = 10  #: Steps between metrics records.
     max_nonfinite_steps: int = 3  #: Consecutive steps with a NaN/infinite loss or gradient norm that stop training.
     ckpt_every: int = 500  #: Steps between checkpoints.
@@ -56,6 +65,16 @@ class TrainConfig:
 
     def check(self) -> None:
         """Raise a ValueError naming the first setting out of its range."""
+        self._check_numbers()
+        self._check_choices()
+
+    def _check_numbers(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{field.name} must be a finite number, got {value}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
         for name in ("steps", "global_batch_size", "log_every", "ckpt_every", "eval_steps", "ep_size",
                      "max_nonfinite_steps"):
             if getattr(self, name) < 1:
@@ -69,13 +88,26 @@ class TrainConfig:
         for name in ("ema_decay", "adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
-        if self.expert_gemm not in EXPERT_GEMMS:
-            raise ValueError(f"expert_gemm must be one of {', '.join(EXPERT_GEMMS)}, got {self.expert_gemm!r}")
+
+    def _check_choices(self) -> None:
+        for name, choices in (("objective", OBJECTIVES), ("precision", PRECISIONS), ("expert_gemm", EXPERT_GEMMS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        if not self.out.strip():
+            raise ValueError("out must name a folder, got '' (which would train into the current directory)")
+        unknown = sorted(set(self.resume_change_names()) - set(RESUME_CHANGES))
+        if unknown:
+            raise ValueError(f"resume_changes: {', '.join(unknown)} cannot be changed on resume; "
+                             f"choose from {', '.join(RESUME_CHANGES)}")
         if self.init_from is not None and self.resume is not None:
             raise ValueError("init_from and resume exclude each other: --init-from starts a run from weights, "
                              "--resume continues one")
         if self.resume is not None and self.overwrite:
             raise ValueError("overwrite and resume exclude each other: --overwrite starts over, --resume continues")
+
+    def resume_change_names(self) -> list[str]:
+        """The settings ``resume_changes`` names."""
+        return [name.strip() for name in self.resume_changes.split(",") if name.strip()]
 
     def model_config(self) -> DiTConfig:
         return apply_overrides(get_preset(self.preset), list(self.model_overrides), "model")

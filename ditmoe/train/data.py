@@ -82,8 +82,8 @@ def build_loader(config: TrainConfig, model: DiTConfig, rank: int, world: int) -
         raise ValueError(f"data {config.data!r} has latents of shape {tuple(manifest['latent_shape'])}, "
                          f"the model expects {expected}")
     check_conditioning(config.data, manifest, model)
-    if not model.is_text and manifest["num_classes"] > model.num_classes:
-        raise ValueError(f"data {config.data!r} has {manifest['num_classes']} classes, "
-                         f"the model only {model.num_classes}")
+    if not model.is_text and manifest["num_classes"] != model.num_classes:
+        raise ValueError(f"data {config.data!r} has {manifest['num_classes']} classes, the model "
+                         f"{model.num_classes}: pass --set model.num_classes={manifest['num_classes']}")
     return LatentLoader(root, config.global_batch_size // world, seed=config.seed, rank=rank, world_size=world,
                         num_workers=config.data_workers)

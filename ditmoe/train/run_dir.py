@@ -70,9 +70,10 @@ class RunFolder:
             self._lock = None
 
     def holds_run(self) -> bool:
-        """Checkpoints (complete or not) or logged metrics from an earlier run."""
-        metrics = self.out / "metrics.jsonl"
-        return bool(self.tag_dirs()) or (metrics.is_file() and metrics.stat().st_size > 0)
+        """Checkpoints (complete or not), logged metrics or TensorBoard events from an earlier run."""
+        metrics, events = self.out / "metrics.jsonl", self.out / "tensorboard"
+        return (bool(self.tag_dirs()) or (metrics.is_file() and metrics.stat().st_size > 0)
+                or (events.is_dir() and any(events.rglob("events.out.tfevents.*"))))
 
     def tag_dirs(self) -> list[Path]:
         """Checkpoint tag directories, oldest step first."""
@@ -86,7 +87,8 @@ class RunFolder:
             return
         if not overwrite:
             tags = self.tag_dirs()
-            what = f"checkpoints up to {tags[-1].name}" if tags else "metrics.jsonl"
+            logged = "metrics.jsonl" if (self.out / "metrics.jsonl").is_file() else "TensorBoard events"
+            what = f"checkpoints up to {tags[-1].name}" if tags else logged
             raise ValueError(f"{self.out} already holds a run ({what}): pass --resume auto to continue it, "
                              f"--overwrite to delete it and start over, or another --out")
         for name in RUN_FILES:

@@ -120,9 +120,10 @@ class Trainer:
         self.accumulation = self.ds_config["gradient_accumulation_steps"]
         self.zero_stage = self.ds_config["zero_optimization"]["stage"]
         self.loader = build_loader(config, self.model_config, self.rank, self.world)
-        resume = Resume.detect(config, self.run_folder, self.ds_config, self.rank)
+        resume = Resume.detect(config, self.run_folder, self.ds_config, self.rank, self.loader_text_encoder())
         self._build_engine()
         self.step = 0 if resume is None else resume.restore(self.engine, self.ema, self.loader, self.rank)
+        on_rank0(lambda: write_run_config(config, self.out))  # only once every check of the run has passed
         self.moe_layers = self.engine.module.moe_layers()
         self.moe_blocks = [i for i in range(self.model_config.depth) if self.model_config.moe_in_block(i)]
         if self.is_rank0:
@@ -153,10 +154,9 @@ class Trainer:
         return {"name": self.loader.text_encoder, "max_length": self.loader.text_len}
 
     def _claim_run_folder(self):
-        """Rank 0: lock the run folder, refuse (or with --overwrite clear) an earlier run, write the config."""
+        """Rank 0: lock the run folder, refuse (or with --overwrite clear) an earlier run."""
         self.run_folder.lock()
         self.run_folder.prepare(resume=self.config.resume, overwrite=self.config.overwrite)
-        write_run_config(self.config, self.out)
 
     def _build_engine(self):
         """Model (same initial weights on every rank), objective, optimizer, DeepSpeed engine, EMA."""

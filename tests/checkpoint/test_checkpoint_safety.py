@@ -118,6 +118,20 @@ def test_truncated_ema_is_a_clear_error(run, command):
     assert f"checkpoint file {file} is truncated or corrupt (" in error_line(command(run))
 
 
+@pytest.mark.parametrize("damage", ["cut-to-8-kB", "text-file"])
+@pytest.mark.parametrize("command", [resume, sample, convert])
+def test_damaged_ema_is_named_on_every_path(run, command, damage):
+    """A mapped zip cut short fails with EINVAL and a text file read as a pickle with a bare KeyError: both
+    are the same named error."""
+    file = run / TAG / "ema.pt"
+    assert file.stat().st_size > 8192
+    if damage == "text-file":
+        file.write_text("not a checkpoint\n")
+    else:
+        file.write_bytes(file.read_bytes()[:8192])
+    assert f"checkpoint file {file} is truncated or corrupt (" in error_line(command(run))
+
+
 def test_missing_model_states_on_resume(run):
     (run / TAG / "mp_rank_00_model_states.pt").unlink()
     assert f"checkpoint {run / TAG}: missing mp_rank_00_model_states.pt" in error_line(resume(run))

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from ditmoe.data import LatentLoader, ManifestError
-from ditmoe.data.latent_format import MANIFEST, read_manifest
+from ditmoe.data.latent_format import MANIFEST, CorruptShardError, read_manifest
 from ditmoe.data.synthetic import write_random_latents
 
 from conftest import run_cli
@@ -121,3 +121,38 @@ def test_training_command_stops_before_training(tmp_path, edit, message):
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert proc.stderr.startswith("error: ") and message in proc.stderr and proc.stderr.count("\n") == 1
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_label_outside_the_manifests_classes_stops_the_loader_at_its_sample(tmp_path):
+    """Labels 0-5 with the manifest saying 5 classes: label 5 would train silently as the null (guidance) class."""
+    root = write_random_latents(tmp_path / "latents", (1, 8, 8), 6, 12)
+    edit_manifest(root, lambda m: m.update(num_classes=5))
+    with pytest.raises(CorruptShardError, match=r"corrupt latent shard .*shard-000000\.tar: sample #\d+ \(key '.*'\): "
+                                         r"class label 5 is outside \[0, 5\) \(the manifest's num_classes\)"):
+        for _ in zip(range(12), LatentLoader(root, 4, seed=0, num_workers=0)):
+            pass
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_classes, message", [
+    ("3", "has 5 classes, the model 3: pass --set model.num_classes=5"),  # would be an IndexError
+    ("7", "has 5 classes, the model 7: pass --set model.num_classes=5"),
+])
+def test_training_needs_the_manifests_number_of_classes(tmp_path, model_classes, message):
+    root = write_random_latents(tmp_path / "latents", (1, 8, 8), 5, 12)
+    proc = run_cli(["-m", "ditmoe.train", "--preset", "demo", "--data", str(root), "--steps", "1", "--set",
+                    f"model.num_classes={model_classes}", "--global-batch-size", "4", "--out", str(tmp_path / "run")],
+                   check=False)
+    assert proc.returncode == 1 and proc.stderr == f"error: data {str(root)!r} {message}\n", proc.stderr
+
+
+@pytest.mark.slow
+def test_training_stops_at_a_label_outside_the_classes_naming_it(tmp_path):
+    root = write_random_latents(tmp_path / "latents", (1, 8, 8), 6, 12)
+    edit_manifest(root, lambda m: m.update(num_classes=5))
+    proc = run_cli(["-m", "ditmoe.train", "--preset", "demo", "--data", str(root), "--steps", "3", "--set",
+                    "model.num_classes=5", "--global-batch-size", "4", "--out", str(tmp_path / "run")], check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: corrupt latent shard {root / 'shard-000000.tar'}: "
+                                                           "sample #")
+    assert "class label 5 is outside [0, 5) (the manifest's num_classes)" in proc.stderr

@@ -189,6 +189,20 @@ def test_stale_temp_files_are_removed_on_rerun(vae, tmp_path):
     assert temp_files(out) == ["a.tar.tmp1.tar"] and read_manifest(out)["counts"]["written"] == 1
 
 
+def test_a_rerun_redoes_an_input_shard_that_changed(vae, tmp_path, capsys):
+    """The input replaced by other samples after its latent shard was written: 1 sample became 3."""
+    shard, out = tmp_path / "a.tar", tmp_path / "out"
+    write_tar(shard, [sample("k0", 1)])
+    assert precompute(vae, shard, out) == 0 and read_manifest(out)["counts"]["written"] == 1
+    write_tar(shard, [sample(f"k{i}", 1, i) for i in range(3)])
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))  # even on a coarse clock
+    assert precompute(vae, shard, out) == 0
+    assert read_manifest(out)["counts"]["written"] == 3
+    assert f"{shard} changed since a.tar was written from it (size or modification time): redoing it" in \
+        capsys.readouterr().err
+    assert precompute(vae, shard, out) == 0 and "(1 already done)" in capsys.readouterr().out  # unchanged: skipped
+
+
 @pytest.mark.slow
 def test_failed_write_leaves_no_temp_file(vae, tmp_path):
     """A real OSError mid-shard: files may grow to 50 kB, one latent record is about 34 kB."""

@@ -127,3 +127,44 @@ def test_load_errors_name_the_encoder(encoders, tmp_path):
         build_tiny_text_encoder(tmp_path / "x", "bert")
     with pytest.raises(ValueError, match="width must be an even integer"):
         build_tiny_text_encoder(tmp_path / "x", "t5", width=15)
+
+
+def damaged_copy(source, target, damage):
+    """A copy of the encoder folder ``source`` with ``damage(folder)`` applied."""
+    import shutil
+
+    shutil.copytree(source, target)
+    damage(target)
+    return target
+
+
+def truncate_weights(folder):
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+
+
+def planted_pickle(folder):
+    """Weights only as a pickle holding an object torch's safe loader refuses."""
+    import argparse
+
+    (folder / "model.safetensors").unlink()
+    torch.save({"planted": argparse.Namespace(run="code")}, folder / "pytorch_model.bin")
+
+
+@pytest.mark.parametrize("damage", [truncate_weights, planted_pickle], ids=["truncated", "pickle"])
+def test_damaged_encoder_files_are_an_error_naming_the_folder(encoders, tmp_path, damage):
+    folder = damaged_copy(encoders["t5"], tmp_path / "t5", damage)
+    with pytest.raises(OSError, match=f"^text encoder '{folder}': cannot load a transformers encoder and tokenizer "
+                                      "from a local directory: "):
+        TextEncoder.load(folder, 8)
+
+
+def test_max_length_is_bounded_for_relative_position_encoders(encoders):
+    """T5 has no position table: its tokenizer's model_max_length bounds the captions (100000 tokens would
+    allocate gigabytes)."""
+    from transformers import AutoTokenizer
+
+    limit = AutoTokenizer.from_pretrained(encoders["t5"]).model_max_length
+    assert limit < 10**6
+    with pytest.raises(ValueError, match=f"max_length 100000 exceeds its tokenizer's model_max_length {limit}"):
+        TextEncoder.load(encoders["t5"], 100000)

@@ -1,8 +1,11 @@
 """Bad input to the tools fails at once and clearly: a bad flag value is a usage error naming the flag (status 2),
 a damaged input file a runtime error naming the file (status 1), before any work and before anything is written."""
 
+import json
+
 import numpy as np
 import pytest
+import torch
 
 from ditmoe.model import build_model
 
@@ -194,3 +197,42 @@ def test_model_card_sizes_must_be_positive(capsys, setting, message):
 def test_model_card_allows_zero_experts_and_zero_shared_experts(capsys):
     load_tool("model_card").main(["--preset", "tiny", "--set", "num_experts=0", "--set", "num_shared_experts=0"])
     assert capsys.readouterr().out.startswith("tiny: ")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"the digit 3\n\nseven\n", r"line 2 is empty \(samples are indexed by prompt: remove empty lines\)"),
+    (b"the digit 3\n\xff seven\n", r"not UTF-8 text \(invalid start byte at byte 12\)"),
+], ids=["empty-line", "not-utf8"])
+def test_a_bad_prompts_file_is_named(tmp_path, content, message):
+    from ditmoe.eval.prompts import read_prompts
+
+    (tmp_path / "p.txt").write_bytes(content)
+    with pytest.raises(ValueError, match=f"^--prompts {tmp_path / 'p.txt'}: {message}"):
+        read_prompts(prompts_file=str(tmp_path / "p.txt"))
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1", "nan"])
+def test_sample_capacity_threshold_outside_0_1_is_a_usage_error(capsys, tmp_path, value):
+    err = usage_error(capsys, load_tool("sample").main, ["--ckpt", str(tmp_path), "--out", str(tmp_path / "s.npz"),
+                                                         "--num-samples", "1", "--capacity-threshold", value])
+    assert f"error: --capacity-threshold must be between 0 and 1, got {float(value)}\n" in err
+
+
+def test_guiding_more_channels_than_the_model_has_is_refused():
+    from ditmoe.diffusion import objective_for
+    from ditmoe.sampling import generate
+
+    model = build_model("tiny")
+    with pytest.raises(ValueError, match=r"^--guide-channels 5: the model has 4 channels$"):
+        generate(model, objective_for("ddpm", model.config), torch.zeros(2, dtype=torch.long), cfg_scale=2.0,
+                 guide_channels=5)
+
+
+@pytest.mark.parametrize("block", ["optimizer", "scheduler"])
+def test_a_deepspeed_config_with_an_optimizer_ditmoe_would_ignore_is_refused(tmp_path, block):
+    from ditmoe.parallel.engine import load_config_file
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 1}, block: {"type": "Adam", "params": {"lr": 1}}}))
+    with pytest.raises(ValueError, match=f"--deepspeed-config {path}: ditmoe builds the optimizer .* remove '{block}'"):
+        load_config_file(str(path))

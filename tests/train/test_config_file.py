@@ -60,11 +60,44 @@ def test_preset_from_file_and_from_flag(tmp_path):
     ("a.toml", "steps = \n", "a.toml: invalid TOML"),
     ("a.json", "{}", "a.json: unknown config file extension '.json'"),
     ("a.toml", 'preset = "nope"\n', "a.toml: unknown preset 'nope'"),
+    ("a.yaml", "steps: 3\nlr: 0.1\nsteps: 4\n", "a.yaml: invalid YAML: duplicate key 'steps'"),
+    ("a.yaml", "model:\n  depth: 2\n  depth: 3\n", "a.yaml: invalid YAML: duplicate key 'depth'"),
 ])
 def test_file_errors_name_file_and_key(tmp_path, name, text, message):
     (tmp_path / name).write_text(text)
     with pytest.raises(ValueError, match=message):
         resolve_config(str(tmp_path / name), {}, [])
+
+
+def alias_bomb(depth: int) -> str:
+    """``steps: [&a0 [...], &a1 [*a0, ...], ...]``: 9**depth elements once expanded."""
+    lines = ["a0: &a0 [1, 2, 3, 4, 5, 6, 7, 8, 9]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, depth)]
+    return "\n".join(lines) + f"\nsteps: *a{depth - 1}\n"
+
+
+@pytest.mark.parametrize("text, message", [
+    (alias_bomb(10), r"a.yaml: line 1: YAML anchors and aliases \(&, \*\) are not allowed in settings"),
+    ("steps: [" + ", ".join(["1"] * 5000) + "]\n",
+     r"a.yaml: training setting 'steps': expected int, got \[1, 1, .{180,}\.\.\. \(15000 characters\)$"),
+], ids=["alias-bomb", "long-value"])
+def test_huge_values_are_refused_before_they_are_built_or_printed(tmp_path, text, message):
+    (tmp_path / "a.yaml").write_text(text)
+    with pytest.raises(ValueError, match=message) as err:
+        resolve_config(str(tmp_path / "a.yaml"), {}, [])
+    assert len(str(err.value)) < 400
+
+
+def test_a_config_file_that_is_not_utf8_names_the_file(tmp_path):
+    (tmp_path / "a.toml").write_bytes(b"steps = 3\n# \xff\xfe\n")
+    with pytest.raises(ValueError, match=r"a.toml: not UTF-8 text \(invalid start byte at byte 12\)"):
+        resolve_config(str(tmp_path / "a.toml"), {}, [])
+
+
+def test_a_config_file_over_a_megabyte_is_refused(tmp_path):
+    (tmp_path / "a.toml").write_text("# " + "x" * (1 << 20) + "\n")
+    with pytest.raises(ValueError, match=r"a.toml: config file of 1048579 bytes, more than 1048576"):
+        resolve_config(str(tmp_path / "a.toml"), {}, [])
 
 
 def test_unreadable_file_exits_1(tmp_path):

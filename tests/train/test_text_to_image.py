@@ -74,7 +74,7 @@ def test_zero_on_two_ranks_with_activation_checkpointing_matches_one_process(t2i
 
 def test_sampling_from_prompts(t2i_run, tmp_path):
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("the digit 3\n\na picture of the number seven\n")
+    prompts.write_text("the digit 3\na picture of the number seven\n")
     out = tmp_path / "s.npz"
     proc = run_cli(["tools/sample.py", "--ckpt", str(t2i_run), "--out", str(out), "--num-samples", "6",
                     "--prompt", "number one", "--prompts", str(prompts), "--sampler", "ddim",

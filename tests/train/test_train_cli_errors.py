@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+from ditmoe.train.__main__ import main as train_main
+
 from conftest import SMALL_DIGITS, run_cli
 
 
@@ -105,3 +107,38 @@ def test_model_sizes_out_of_range_are_usage_errors(tmp_path, setting, message):
     proc = run_cli(["-m", "ditmoe.train", *SMALL_DIGITS, "--set", setting, "--out", str(tmp_path / "run")],
                    check=False)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_an_empty_out_is_refused(tmp_path):
+    fails_with([*SMALL_DIGITS, "--out", ""], "out must name a folder, got ''")
+
+
+def test_bad_resume_changes_are_refused(tmp_path):
+    fails_with([*SMALL_DIGITS, "--set", "resume_changes=objective,seed", "--out", str(tmp_path)],
+               "resume_changes: seed cannot be changed on resume; choose from objective, text_encoder")
+
+
+def test_an_out_holding_only_tensorboard_events_is_refused(tmp_path):
+    """An earlier run's events alone (its metrics deleted): the two runs' event files would mix."""
+    events = tmp_path / "tensorboard" / "events.out.tfevents.1.host"
+    events.parent.mkdir()
+    events.write_bytes(b"earlier run")
+    fails_with([*SMALL_DIGITS, "--steps", "1", "--out", str(tmp_path)],
+               f"{tmp_path} already holds a run (TensorBoard events): pass --resume auto")
+    assert events.read_bytes() == b"earlier run"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "tensorboard"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seed", "-1"], "seed must be in [0, 2**63), got -1"),
+    (["--seed", str(2**64)], f"seed must be in [0, 2**63), got {2**64}"),  # was torch's "Overflow when unpacking"
+    (["--set", "precision=fp16"], "precision must be one of auto, fp32, bf16, got 'fp16'"),
+    (["--set", "lr=nan"], "lr must be a finite number, got nan"),
+    (["--set", "lr=inf"], "lr must be a finite number, got inf"),
+    (["--set", "weight_decay=nan"], "weight_decay must be a finite number, got nan"),
+], ids=["negative-seed", "huge-seed", "fp16", "lr-nan", "lr-inf", "weight-decay-nan"])
+def test_settings_out_of_range_are_usage_errors(capsys, tmp_path, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        train_main([*SMALL_DIGITS, *args, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -1,7 +1,12 @@
 """End to end: train -> checkpoint -> --resume auto is bit-identical to an uninterrupted run (CPU fp32)."""
 
+import json
+import shutil
+
 import pytest
 import torch
+
+from ditmoe.train.run_dir import LOCK_FILE
 
 from conftest import SMALL_DIGITS, metrics, run_cli
 
@@ -62,6 +67,40 @@ def test_resume_with_another_model_config_is_a_clear_error(runs, tmp_path):
     proc = run_cli(["-m", "ditmoe.train", *SMALL_DIGITS, "--set", "model.hidden_size=64", "--steps", "8",
                     "--out", str(full), "--resume", "auto"], check=False)
     assert proc.returncode != 0 and "hidden_size: checkpoint 32 vs now 64" in proc.stderr
+
+
+def snapshot(folder) -> dict[str, bytes]:
+    """Every file of a run folder but its lock (which records the last holder)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != LOCK_FILE}
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--objective", "rectified_flow"], "objective: checkpoint 'ddpm' vs now 'rectified_flow'); pass --set "
+                                        "resume_changes=objective to change it on purpose"),
+    (["--seed", "9"], "seed: checkpoint 7 vs now 9); seed fix the data order and noise of a run: start a new run"),
+    (["--zero-stage", "1"], "was saved with ZeRO-0, this run uses ZeRO-1: pass --zero-stage 0 to resume it"),
+], ids=["objective", "seed", "zero-stage"])
+def test_a_refused_resume_changes_nothing(runs, tmp_path, change, message):
+    out = tmp_path / "run"
+    shutil.copytree(runs[0], out)
+    before = snapshot(out)
+    proc = run_cli(["-m", "ditmoe.train", *SMALL_DIGITS, "--set", "ckpt_every=3", "--seed", "7", "--steps", "8",
+                    *change, "--out", str(out), "--resume", "auto"], check=False)
+    assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert snapshot(out) == before  # config.toml and config.json included
+
+
+def test_a_resume_may_switch_the_objective_when_asked_to(runs, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(runs[0], out)
+    run_cli(["-m", "ditmoe.train", *SMALL_DIGITS, "--set", "ckpt_every=3", "--seed", "7", "--steps", "7",
+             "--objective", "rectified_flow", "--set", "resume_changes=objective", "--out", str(out), "--resume",
+             "auto"])
+    recorded = json.loads((out / "checkpoints/step_00000007/meta.json").read_text())["train_config"]
+    assert recorded["objective"] == "rectified_flow" and recorded["resume_changes"] == "objective"
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5, 6, 7]
+    assert "rectified_flow" in (out / "config.toml").read_text()
 
 
 def test_bf16_and_zero2_run(tmp_path):

@@ -1,0 +1,91 @@
+"""A Hugging Face export replaces its folder as a whole: a non-empty --out only with --overwrite, never a mix of
+two exports (a stale model.safetensors beside a new shard index), nothing left behind by a failed export."""
+
+import hashlib
+
+import pytest
+import torch
+
+from ditmoe.hf import export as export_module
+from ditmoe.hf.export import export
+from ditmoe.hf.load import load_hf_folder
+from ditmoe.model import DiT, get_preset
+
+from conftest import load_tool
+
+
+def tiny_model(seed: int) -> DiT:
+    torch.manual_seed(seed)
+    model = DiT(get_preset("tiny")).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.1)
+    return model
+
+
+def contents(folder) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def siblings(folder) -> list[str]:
+    return sorted(p.name for p in folder.parent.iterdir() if p != folder)
+
+
+def test_a_non_empty_folder_is_refused_and_kept(tmp_path):
+    out = tmp_path / "hf"
+    export(tiny_model(0), out, objective="ddpm")
+    before = contents(out)
+    with pytest.raises(FileExistsError, match=f"--out {out} is not empty: pass --overwrite"):
+        export(tiny_model(1), out, objective="ddpm", max_shard_size="20KB")
+    assert contents(out) == before and siblings(out) == []
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "config.json").write_text("{}")  # a user's own file is not overwritten either
+    with pytest.raises(FileExistsError, match="not empty"):
+        export(tiny_model(1), tmp_path / "user", objective="ddpm")
+    assert (tmp_path / "user" / "config.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("first, second", [("5GB", "20KB"), ("20KB", "5GB")],
+                         ids=["single-to-shards", "shards-to-single"])
+def test_overwrite_leaves_exactly_the_new_export(tmp_path, first, second):
+    out, fresh = tmp_path / "hf", tmp_path / "fresh"
+    export(tiny_model(0), out, objective="ddpm", max_shard_size=first)
+    export(tiny_model(1), out, objective="ddpm", max_shard_size=second, overwrite=True)
+    export(tiny_model(1), fresh, objective="ddpm", max_shard_size=second)
+    assert contents(out) == contents(fresh)  # no file of the first export is left
+    loaded, _ = load_hf_folder(out)
+    want = tiny_model(1).state_dict()
+    assert all(torch.equal(value, want[name]) for name, value in loaded.state_dict().items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "hf"]  # no staging or replaced folder
+
+
+def test_a_failed_export_leaves_the_old_folder_and_nothing_else(tmp_path, monkeypatch):
+    out = tmp_path / "hf"
+    export(tiny_model(0), out, objective="ddpm")
+    before = contents(out)
+
+    def disk_full(folder):
+        raise OSError(28, "No space left on device", str(folder / "dit.py"))
+
+    monkeypatch.setattr(export_module, "write_remote_code", disk_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        export(tiny_model(1), out, objective="ddpm", overwrite=True)
+    assert contents(out) == before and siblings(out) == []
+
+
+def test_the_converter_reads_only_checkpoints_of_the_run(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        load_tool("convert_ckpt_to_hf").main(["--ckpt", str(tmp_path / "run"), "--tag", "../../other/step_00000010",
+                                              "--out", str(tmp_path / "hf")])
+    assert exit_info.value.code == "error: --tag '../../other/step_00000010' must name a checkpoint of the run " \
+                                   "(step_XXXXXXXX or latest), not a path"
+
+
+def test_the_converter_refuses_to_export_over_its_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    with pytest.raises(SystemExit) as exit_info:
+        load_tool("convert_ckpt_to_hf").main(["--ckpt", str(run / "checkpoints"), "--out", str(run), "--overwrite"])
+    assert exit_info.value.code == f"error: --out {run} holds the checkpoint --ckpt {run / 'checkpoints'}: " \
+                                   "export to another folder"
+    assert (run / "checkpoints").is_dir()
