@@ -23,7 +23,7 @@ from torch import nn
 
 from ..model.grouped_gemm import grouped_linear, swiglu
 from ..model.moe import MoEFeedForward
-from .expert_parallel import GELU_HALVES
+from ..weights.autoep import GELU_HALVES
 
 
 def _gelu_halves(first: torch.Tensor, second: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:

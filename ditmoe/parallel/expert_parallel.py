@@ -23,7 +23,7 @@ from ditmoe.weights import autoep
 from .distributed import check_collective_inputs
 
 MOE_LAYER_PATTERN = r"blocks\.\d+\.mlp"
-GELU_HALVES = "gelu_tanh_halves"  #: AutoEP's activation of GELU experts split into halves (``ep_experts``)
+GELU_HALVES = autoep.GELU_HALVES
 
 
 def autoep_config(ep_size: int, model_config: DiTConfig) -> dict:

@@ -13,6 +13,7 @@ import torch
 
 EXPERT_LEAVES = ("w1", "w3", "w2")  # AutoEP: first half, second half of the input projection; down
 IN_PROJ_LEAVES = ("gate_up_proj", "up_proj")  # ditmoe's input projection: SwiGLU, GELU
+GELU_HALVES = "gelu_tanh_halves"  # AutoEP activation of GELU experts as two halves (ditmoe.parallel.ep_experts)
 
 
 def router_name(layer: str) -> str:
