@@ -37,13 +37,13 @@ import dataclasses
 from pathlib import Path
 
 from ditmoe.checkpoint import load_engine_module_state, load_full_ema, read_meta, resolve_checkpoint
-from ditmoe.checkpoint.safe_load import safe_load
 from ditmoe.cli import Positive, make_parser, user_errors
 from ditmoe.hf.official import infer_config
 from ditmoe.model import PRESETS, DiTConfig, get_preset
 from ditmoe.settings import apply_overrides, format_value
 from ditmoe.train.init_from import init_files, write_init_weights
 from ditmoe.weights import dit
+from ditmoe.weights.safe_load import safe_load
 from ditmoe.weights.upcycle import POS_EMBED, output_difference, upcycle
 
 #: Largest |MoE - dense| --verify accepts from an exact upcycling (fp32, kernels summing in other orders).

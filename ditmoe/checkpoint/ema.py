@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
+from ..weights.safe_load import safe_load
 from .layout import EMA_FILE, ema_shard_file
-from .safe_load import safe_load
 
 
 def save_ema(tag_dir: Path, rank: int, *, full: dict, local: dict | None):

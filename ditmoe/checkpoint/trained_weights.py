@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from ..weights import autoep
-from .safe_load import safe_load
+from ..weights.safe_load import safe_load
 from .universal import convert, load_param, param_shapes
 
 

@@ -18,9 +18,9 @@ import torch
 
 from ..model import DiT, DiTConfig
 from ..weights import autoep
+from ..weights.safe_load import safe_load
 from .layout import universal_dir
 from .meta import read_meta
-from .safe_load import safe_load
 from .verify import verify_files
 
 STATES = ("fp32", "exp_avg", "exp_avg_sq")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from .safe_load import safe_load
+from ..weights.safe_load import safe_load
 
 
 def deepspeed_types() -> list[type]:

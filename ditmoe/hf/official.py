@@ -10,6 +10,7 @@ import torch
 
 from ..model import DiT, DiTConfig
 from ..weights import dit, official_ditmoe
+from ..weights.safe_load import safe_load
 
 # --from name -> the adapter of its key layout
 ADAPTERS = {"official-ditmoe": official_ditmoe, "dit": dit}
@@ -23,11 +24,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path}: no such file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"checkpoint {path}: not a readable PyTorch file ({err})") from err
-    return dit.unwrap_state_dict(state, path)
+    return dit.unwrap_state_dict(safe_load(path), path)
 
 
 def infer_config(state: dict[str, torch.Tensor], source: str, *, num_heads: int | None = None,

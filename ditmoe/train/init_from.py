@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint.safe_load import safe_load
 from ..model import DiT, DiTConfig
+from ..weights.safe_load import safe_load
 
 WEIGHTS_FILE = "upcycled.pt"
 RECORD_FILE = "upcycle.json"

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from ditmoe.checkpoint import read_meta
-from ditmoe.checkpoint.safe_load import safe_load
 from ditmoe.inference import load_model
+from ditmoe.weights.safe_load import safe_load
 
 from conftest import SMALL_DIGITS, run_cli
 

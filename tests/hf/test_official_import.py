@@ -26,6 +26,10 @@ from conftest import load_tool, run_cli
 TOOL = "tools/convert_ckpt_to_hf.py"
 
 
+class Planted:
+    """An object no loader allows (DeepSpeed allows argparse.Namespace in torch's safe loader process-wide)."""
+
+
 def mae_pos_embed(dim: int, grid: int) -> np.ndarray:
     """MAE's table: meshgrid(w, h), the first half of the channels from grid[0] (sin then cos)."""
     def one_d(d, pos):
@@ -187,5 +191,12 @@ def test_published_checkpoint_errors(flash_checkpoint, tmp_path):
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit) as exit_info:
         tool.main(["--from", "dit", "--ckpt", str(garbage), "--out", str(tmp_path / "o")])
-    assert "not a readable PyTorch file" in str(exit_info.value.code)
+    assert f"checkpoint file {garbage} is truncated or corrupt" in str(exit_info.value.code)
+    planted = tmp_path / "planted.pt"
+    torch.save({"x_embedder.proj.weight": Planted()}, planted)
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main(["--from", "dit", "--ckpt", str(planted), "--out", str(tmp_path / "o")])
+    message = str(exit_info.value.code)
+    assert f"checkpoint file {planted}: ditmoe refuses to unpickle non-tensor type {__name__}.Planted" in message
+    assert "weights_only" not in message  # not torch's advice to load it anyway
     assert not (tmp_path / "o").exists()

@@ -143,12 +143,14 @@ def truncate_weights(folder):
     weights.write_bytes(weights.read_bytes()[:100])
 
 
+class Planted:
+    """An object no loader allows (DeepSpeed allows argparse.Namespace in torch's safe loader process-wide)."""
+
+
 def planted_pickle(folder):
     """Weights only as a pickle holding an object torch's safe loader refuses."""
-    import argparse
-
     (folder / "model.safetensors").unlink()
-    torch.save({"planted": argparse.Namespace(run="code")}, folder / "pytorch_model.bin")
+    torch.save({"planted": Planted()}, folder / "pytorch_model.bin")
 
 
 @pytest.mark.parametrize("damage", [truncate_weights, planted_pickle], ids=["truncated", "pickle"])
