@@ -72,12 +72,12 @@ def expert_gemm(mode: str):
 
 def uses_triton(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether the experts' grouped GEMMs in ``dtype`` on ``device`` run DeepSpeed's Triton kernels now."""
-    if _expert_gemm == "torch":
-        return False
+    if _expert_gemm == "torch" or (_expert_gemm == "auto" and not grouped_mm_synchronizes(dtype, _capability(device))):
+        return False  # decided without looking for Triton: the common case of every GEMM call
     reason = unavailable_reason(device.type)
     if _expert_gemm == "triton" and reason:
         raise RuntimeError(f"expert_gemm='triton' cannot run on {device.type} tensors: {reason}")
-    return _expert_gemm == "triton" or (reason is None and grouped_mm_synchronizes(dtype, _capability(device)))
+    return reason is None
 
 
 def expert_gemm_waits(dtype: torch.dtype, device: torch.device) -> bool:

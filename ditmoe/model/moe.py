@@ -97,6 +97,12 @@ def build_shared_experts(config: DiTConfig) -> nn.Module | None:
     return SwiGLU(config.hidden_size, config.shared_hidden)
 
 
+def predict_capacity(predictor: nn.Module, x: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """The capacity predictor's logits (N*T, E) for tokens x (N, T, D), from the detached tokens: it learns the
+    routing alongside the model, never into it."""
+    return predictor(x.detach()).reshape(-1, num_experts)
+
+
 def build_capacity_predictor(config: DiTConfig) -> nn.Module | None:
     """DiffMoE's capacity predictor, Linear(D, D) -> SiLU -> Linear(D, E), or None without one."""
     if not config.capacity_predictor:
@@ -158,7 +164,7 @@ class MoEFeedForward(nn.Module):
         logits = self.gate(x)  # (N, T, E)
         if self.routing == "expert_choice":
             if self.uses_predictor_routing():
-                predicted = self.capacity_predictor(x.detach()).reshape(-1, self.num_experts)
+                predicted = predict_capacity(self.capacity_predictor, x, self.num_experts)
                 return threshold_choice(logits.reshape(-1, self.num_experts), predicted, self.capacity_threshold)
             return pool_expert_choice(logits, self.capacity_factor, self.routing_pool, self.routing_group_size)
         alpha = self.alpha if self.training else 0.0
@@ -170,7 +176,7 @@ class MoEFeedForward(nn.Module):
         self.aux_loss = routing.aux_loss
         self.predictor_loss = None
         if self.capacity_predictor is not None and self.training:
-            predicted = self.capacity_predictor(x.detach()).reshape(n * t, self.num_experts)  # (N*T, E)
+            predicted = predict_capacity(self.capacity_predictor, x, self.num_experts)
             self.predictor_loss = capacity_predictor_loss(predicted, routing)
             self.aux_loss = self.aux_loss + self.predictor_weight * self.predictor_loss
         self.expert_counts = routing.tokens_per_expert.detach()

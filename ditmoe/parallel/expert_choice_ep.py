@@ -20,6 +20,7 @@ import torch.distributed as dist
 from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer, permute_by_local_expert, unpermute_by_local_expert
 
 from ditmoe.model.config import DiTConfig
+from ditmoe.model.moe import predict_capacity
 from ditmoe.model.routing import Routing, capacity_predictor_loss, pool_expert_choice
 
 from .distributed import check_collective_inputs
@@ -97,7 +98,7 @@ class ExpertChoiceEPLayer(AutoEPMoELayer):
         aux = hidden_states.new_zeros((), dtype=torch.float32)
         if self.capacity_predictor is None or not self.training:
             return aux
-        predicted = self.capacity_predictor(hidden_states.detach()).reshape(-1, self.num_experts)  # (N*T, E)
+        predicted = predict_capacity(self.capacity_predictor, hidden_states, self.num_experts)  # (N*T, E)
         self.predictor_loss = capacity_predictor_loss(predicted, routing)
         return aux + self.predictor_weight * self.predictor_loss
 

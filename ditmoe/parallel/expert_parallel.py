@@ -23,7 +23,6 @@ from ditmoe.weights import autoep
 from .distributed import check_collective_inputs
 
 MOE_LAYER_PATTERN = r"blocks\.\d+\.mlp"
-GELU_HALVES = autoep.GELU_HALVES
 
 
 def autoep_config(ep_size: int, model_config: DiTConfig) -> dict:
@@ -37,7 +36,7 @@ def autoep_config(ep_size: int, model_config: DiTConfig) -> dict:
     if ep_size == 1:
         return {"enabled": False}
     if model_config.expert_activation == "gelu":
-        experts = {"expert_w1": "w1", "expert_w2": "w2", "expert_w3": "w3", "expert_activation": GELU_HALVES}
+        experts = {"expert_w1": "w1", "expert_w2": "w2", "expert_w3": "w3", "expert_activation": autoep.GELU_HALVES}
     else:  # gate and up fused, gate rows first
         experts = {"expert_w1": "gate_up_proj", "expert_w2": "down_proj", "expert_w3": None,
                    "expert_activation": "swiglu"}

@@ -12,7 +12,7 @@ from ..cli import make_parser, user_errors
 from ..data.latent_format import CorruptShardError
 from ..model import get_preset
 from ..settings import describe, field_docs
-from .config import TrainConfig, apply_settings, preset_train_config, read_experiment
+from .config import OBJECTIVES, PRECISIONS, TrainConfig, apply_settings, preset_train_config, read_experiment
 
 DOCS = field_docs(TrainConfig)
 
@@ -30,8 +30,8 @@ def build_parser():
     p.add_argument("--global-batch-size", type=int, help=DOCS["global_batch_size"])
     p.add_argument("--micro-batch-size", type=int, help=DOCS["micro_batch_size"])
     p.add_argument("--seed", type=int, help=DOCS["seed"])
-    p.add_argument("--objective", choices=["ddpm", "rectified_flow"], help=DOCS["objective"])
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], help=DOCS["precision"])
+    p.add_argument("--objective", choices=OBJECTIVES, help=DOCS["objective"])
+    p.add_argument("--precision", choices=PRECISIONS, help=DOCS["precision"])
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], help=DOCS["zero_stage"])
     p.add_argument("--ep-size", type=int, help=DOCS["ep_size"])
     p.add_argument("--activation-checkpointing", type=int, metavar="N", help=DOCS["activation_checkpointing"])

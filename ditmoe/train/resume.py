@@ -78,7 +78,7 @@ class Resume:
         check_resume_settings(meta, config, text_encoder, tag_dir)
         if not config.resume_universal:
             check_same_zero_family(meta, ds_config["zero_optimization"]["stage"], tag_dir)
-        if config.resume_universal:
+        else:
             checkpoint.check_universal_compatible(meta, ds_config["zero_optimization"]["stage"], tag_dir)
             if rank == 0:
                 universal.convert(tag_dir)

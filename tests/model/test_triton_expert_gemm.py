@@ -1,6 +1,7 @@
 """``expert_gemm=triton``: DeepSpeed's Triton grouped GEMM behind ditmoe's expert ops, run on the CPU in Triton's
 interpreter (fp32 and fp16; its bf16 ``tl.dot`` is wrong, so bf16 is checked on a GPU only), against the torch
-path: the kernels with uneven and empty groups, the MoE layer of each routing and activation, compiled."""
+path: the kernels with uneven and empty groups, the MoE layer of each routing and activation, compiled.
+(tests/conftest.py sets TRITON_INTERPRET=1 before anything imports Triton.)"""
 
 import pytest
 import torch
@@ -10,12 +11,6 @@ from ditmoe.model.grouped_gemm import expert_gemm, expert_gemm_waits, grouped_li
 from ditmoe.model.moe import MoEFeedForward
 
 from conftest import SMALL_DIGITS, metrics, run_cli
-
-
-@pytest.fixture
-def interpreter(monkeypatch):
-    """Triton's interpreter for this test (the kernels are defined at their first use, under it)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def grouped_linear_and_grads(x, weight, offsets, grad, mode):
@@ -28,7 +23,7 @@ def grouped_linear_and_grads(x, weight, offsets, grad, mode):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("counts", [[5, 0, 17, 3], [0, 9, 0, 0, 40, 1], [0, 0, 0]])
-def test_forward_input_and_weight_gradients_match_torch(interpreter, dtype, counts):
+def test_forward_input_and_weight_gradients_match_torch(dtype, counts):
     torch.manual_seed(0)
     offsets = torch.tensor(counts).cumsum(0).to(torch.int32)
     rows, experts = sum(counts), len(counts)
@@ -49,7 +44,7 @@ def test_forward_input_and_weight_gradients_match_torch(interpreter, dtype, coun
 @pytest.mark.slow
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 @pytest.mark.parametrize("routing", ["token_choice", "expert_choice"])
-def test_moe_layer_matches_torch(interpreter, routing, activation):
+def test_moe_layer_matches_torch(routing, activation):
     torch.manual_seed(1)
     config = get_preset("tiny").replace(routing=routing, expert_activation=activation, capacity_factor=1.5)
     layer = MoEFeedForward(config).train()
@@ -66,7 +61,7 @@ def test_moe_layer_matches_torch(interpreter, routing, activation):
 
 
 @pytest.mark.slow
-def test_compiled_layer_is_one_graph_and_matches_eager(interpreter):
+def test_compiled_layer_is_one_graph_and_matches_eager():
     torch.manual_seed(2)
     layer = MoEFeedForward(get_preset("tiny").replace(routing="expert_choice", expert_activation="gelu")).train()
     x = torch.randn(2, 16, 32, requires_grad=True)
@@ -82,7 +77,7 @@ def test_compiled_layer_is_one_graph_and_matches_eager(interpreter):
     torch.testing.assert_close(grad_x, want, rtol=1e-5, atol=1e-6)
 
 
-def test_auto_takes_triton_exactly_where_torch_would_wait(interpreter):
+def test_auto_takes_triton_exactly_where_torch_would_wait():
     cpu = torch.device("cpu")
     with expert_gemm("auto"):  # the CPU: torch._grouped_mm reads no device memory back
         assert not uses_triton(torch.float32, cpu) and not expert_gemm_waits(torch.float32, cpu)

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from ditmoe.model import DiT, get_preset
-from ditmoe.parallel.expert_parallel import GELU_HALVES, autoep_config, check_ep_model, moe_param_groups, validate_ep
+from ditmoe.parallel.expert_parallel import autoep_config, check_ep_model, moe_param_groups, validate_ep
 from ditmoe.parallel.planner import Layout, communication_per_gpu
 from ditmoe.train.config import TrainConfig
 from ditmoe.train.trainer import build_deepspeed_config
+from ditmoe.weights.autoep import GELU_HALVES
 
 from conftest import free_port, run_cli
 

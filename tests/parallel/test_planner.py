@@ -248,6 +248,7 @@ def test_ec_dit_m_64e_partitioned_by_hand():
     assert memory["zero3_gathered"] == 2 * 2 * (M_BLOCK + M_D * 64 + 8 * 2 * M_F * M_D)
 
 
+@pytest.mark.slow
 def test_smallest_fitting_nodes():
     config = get_preset("EC-DiT-M-64E")
     peaks = {n: peak_memory(plan(config, replace(M_LAYOUT, nodes=n))) / 2**30 for n in (3, 4, 5)}
@@ -268,6 +269,7 @@ EC_M_ARGS = ["--preset", "EC-DiT-M-64E", "--gpus-per-node", "8", "--zero-stage",
              "--micro-batch-size", "64", "--activation-checkpointing"]
 
 
+@pytest.mark.slow
 def test_cli_find_nodes(capsys):
     tool = load_tool("plan")
     tool.main([*EC_M_ARGS, "--find-nodes", "--gpu-memory-gib", "80"])
