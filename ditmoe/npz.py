@@ -24,7 +24,8 @@ def write_npy_header(f, shape: tuple, dtype) -> None:
 
 class NpzWriter:
     """An npz written member by member, as ``with NpzWriter(path) as npz: npz.add(...)``. It is written to
-    ``PATH.tmp`` and renamed on success, so ``path`` is either complete or untouched."""
+    ``PATH.tmp`` and renamed on success, so ``path`` is either complete or untouched; a failure removes
+    ``PATH.tmp``."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -37,11 +38,18 @@ class NpzWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        self._zip.close()
-        if exc_type is None:
-            self._tmp.replace(self.path)
-        else:
-            self._tmp.unlink(missing_ok=True)
+        done = False
+        try:
+            self._zip.close()
+            if exc_type is None:
+                self._tmp.replace(self.path)
+                done = True
+        except Exception:
+            if exc_type is None:
+                raise  # else closing after a failed write failed too: the first error says what went wrong
+        finally:
+            if not done:
+                self._tmp.unlink(missing_ok=True)
 
     def add(self, name: str, array: np.ndarray) -> None:
         """Member ``name``: the whole ``array``."""

@@ -29,7 +29,7 @@ TORCHRUN_FLAGS = {"--standalone", "--no-python", "--no_python", "--run-path", "-
 SMALL_DIGITS = [
     "--preset", "demo", "--global-batch-size", "16",
     "--set", "model.hidden_size=32", "--set", "model.depth=2", "--set", "model.num_heads=2",
-    "--set", "log_every=1", "--set", "eval_samples=0",
+    "--set", "log_every=1", "--set", "eval_samples=0", "--set", "eval_every=0",
 ]
 
 
@@ -54,10 +54,20 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
-def metrics(out) -> list[dict]:
+def all_records(out) -> list[dict]:
     """The records of ``out/metrics.jsonl``; [] while the run has not written it yet."""
     path = out / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def metrics(out) -> list[dict]:
+    """The training records of ``out/metrics.jsonl`` (those of logged steps, with a 'loss')."""
+    return [record for record in all_records(out) if "loss" in record]
+
+
+def eval_records(out) -> list[dict]:
+    """The evaluation records of ``out/metrics.jsonl`` (validation losses, sample quality)."""
+    return [record for record in all_records(out) if "loss" not in record]
 
 
 @pytest.fixture(scope="module")

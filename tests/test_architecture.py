@@ -9,22 +9,23 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ditmoe"
 ALLOWED = {
     "model": set(),
     "diffusion": {"model"},
-    "data": {"model", "text"},
+    "data": {"model", "text", "write_errors"},
     "npz": set(),
     "cli": set(),
     "settings": set(),
     "config_file": set(),
+    "write_errors": set(),
     "weights": {"model"},
-    "checkpoint": {"model", "weights"},
+    "checkpoint": {"model", "weights", "write_errors"},
     "parallel": {"model", "weights"},
-    "hf": {"model", "weights"},
+    "hf": {"model", "weights", "write_errors"},
     "inference": {"model", "checkpoint", "hf"},
     "sampling": {"model"},
     "text": {"model"},
-    "eval": {"data", "diffusion", "inference", "model", "npz", "sampling", "text"},
+    "eval": {"data", "diffusion", "inference", "model", "npz", "sampling", "text", "write_errors"},
     "analysis": {"diffusion", "eval", "inference", "model", "sampling", "text"},
     "train": {"checkpoint", "cli", "config_file", "data", "diffusion", "eval", "inference", "model", "parallel",
-              "sampling", "settings", "text", "weights"},
+              "sampling", "settings", "text", "weights", "write_errors"},
 }
 
 

@@ -32,9 +32,9 @@ import torch
 from ditmoe.cli import Positive, make_parser, user_errors
 from ditmoe.eval.adm_evaluator import evaluate_samples, write_metrics, write_reference_batch
 from ditmoe.eval.clip_score import clip_score_of_samples, load_clip, samples_prompts
+from ditmoe.eval.inception import WEIGHTS_ENV
 from ditmoe.npz import check_npz
 
-WEIGHTS_ENV = "DITMOE_INCEPTION_WEIGHTS"
 METRICS = {"inception_score": "Inception Score", "fid": "FID", "sfid": "sFID", "precision": "Precision",
            "recall": "Recall"}
 

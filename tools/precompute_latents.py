@@ -2,7 +2,7 @@
 
     python tools/precompute_latents.py --input 'train-{000000..000146}.tar' --out DIR \\
         --resolution 256 --vae stabilityai/sd-vae-ft-ema [--num-classes 1000] [--batch-size 64] [--workers 8]
-        [--text-encoder google/t5-v1_1-xxl --text-max-length 120 [--caption-key caption]]
+        [--text-encoder google/t5-v1_1-xxl|minilm --text-max-length 120 [--caption-key caption]]
 
 With --text-encoder, each sample's caption (its txt member, or a key of its json member) is embedded
 by the frozen encoder and stored next to the latents; samples then need no cls.
@@ -37,8 +37,9 @@ def build_parser():
                    help="default: dali with --device cuda, pil on cpu (faster there, see docs/data_pipeline.md)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     p.add_argument("--text-encoder", default=None,
-                   help="transformers text encoder (hub id or local directory; T5 loads as T5EncoderModel, CLIP "
-                        "as CLIPTextModel): store each sample's caption embeddings with its latents. "
+                   help="transformers text encoder (a registered name such as minilm, hub id or local directory; "
+                        "T5 loads as T5EncoderModel, CLIP as CLIPTextModel): store each sample's caption "
+                        "embeddings with its latents. "
                         "Samples then need a caption and no cls (label 0 when absent)")
     p.add_argument("--text-max-length", action=Positive, default=None,
                    help="tokens per caption (padded or truncated to it); required with --text-encoder")

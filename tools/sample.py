@@ -18,7 +18,8 @@ torchrun (or srun) each rank samples a contiguous share of the batches on ``cuda
 ``<out>.rank<R>-of-<W>.npy``; rank 0 streams the parts into the npz and removes them. The npz is written
 under a temporary name and renamed when complete, and it is the same for any number of ranks (given the
 same ``--seed``, ``--batch-size`` and kind of device). A run that dies part-way may leave parts behind;
-the next run with as many ranks overwrites them.
+the next run with as many ranks overwrites them. A full disk is one error naming the file that did not fit
+(exit 1): the parts and the temporary npz and grid are removed, an earlier npz or grid stays as it was.
 """
 
 import math
@@ -52,7 +53,8 @@ def build_parser():
     p.add_argument("--prompts", dest="prompts_file", metavar="FILE",
                    help="text-conditioned models: a file of prompts, one per line (after any --prompt)")
     p.add_argument("--text-encoder", metavar="PATH_OR_ID",
-                   help="text encoder for the prompts (default: the one the checkpoint's data was embedded with)")
+                   help="text encoder for the prompts: a registered name such as minilm, hub id or directory "
+                        "(default: the one the checkpoint's data was embedded with)")
     p.add_argument("--text-max-length", action=Positive, help="caption tokens (default: the checkpoint's)")
     p.add_argument("--capacity-threshold", type=float, metavar="P",
                    help="models with a capacity predictor: an expert takes a token when the predicted probability "

@@ -29,7 +29,8 @@ Rules:
 
 Output: OUT/upcycled.pt (ditmoe names, fp32, weights_only-loadable) and OUT/upcycle.json (the target model
 config, the source, the scheme, exactness notes, the counts), for ``python -m ditmoe.train --init-from OUT``
-(weights only: fresh optimizer, step 0).
+(weights only: fresh optimizer, step 0). Both are written aside (``*.partial``) and renamed when both are
+complete: a full disk is one error naming the file (exit 1), and an upcycled model already in OUT stays.
 """
 
 import argparse

@@ -3,11 +3,11 @@ the EMA and meta files."""
 
 from pathlib import Path
 
+from ..write_errors import WriteFailed, write_failure
 from .ema import save_ema
 from .layout import LATEST, universal_dir, write_latest
 from .meta import write_meta
 from .verify import verify_dir
-from .write_errors import write_failure
 
 
 def client_state(ep_size: int) -> dict:
@@ -46,7 +46,7 @@ def save(engine, tag_dir: Path, *, meta: dict, ema_full: dict, ema_local: dict |
         failure = write_failure(err, tag_dir)
         if failure is None:
             raise
-        raise OSError(f"{failure}; {LATEST} still names the previous checkpoint") from err
+        raise WriteFailed(f"{failure}; {LATEST} still names the previous checkpoint") from err
 
 
 def load(engine, tag_dir: Path):

@@ -1,29 +1,32 @@
 """Captions for the text-to-image digits demo, and the digits written as a latent dataset with captions.
 
-Each class ``d`` (0..9) is described by filling a template with its numeral ``{n}`` ("3") or its word
-``{w}`` ("three"). Training uses :data:`TRAIN_TEMPLATES`; :data:`HELDOUT_TEMPLATES` are phrasings never
-seen in training, for checking that a text-conditioned model follows the meaning of a caption rather
-than memorising its exact strings:
+A caption fills a template's ``{d}`` with a *form* of the digit: its numeral ("7") or its word ("seven").
+Training sees each digit in one form only, the numeral for odd digits and the word for even ones, and
+only the :data:`TRAIN_TEMPLATES`. Evaluation asks in three ways, to tell a model that follows the meaning
+of a caption from one that memorised its strings:
 
-=====================================  ===============================
-training templates                     e.g. for 3
-=====================================  ===============================
-``{n}``                                3
-``the digit {n}``                      the digit 3
-``the digit {w}``                      the digit three
-``a handwritten {w}``                  a handwritten three
-``a handwritten {n}``                  a handwritten 3
-``number {w}``                         number three
-``the number {n}``                     the number 3
-``an image of the digit {w}``          an image of the digit three
-=====================================  ===============================
+* ``train``: training templates with the trained form (the captions seen in training);
+* ``heldout_templates``: :data:`HELDOUT_TEMPLATES`, never seen in training, with the trained form;
+* ``heldout_forms``: training templates with the other form, never seen in training for that digit
+  (asked for "seven" when it was trained on "7", for "4" when trained on "four").
 
-=====================================  ===============================
+=====================================  ======================================
+training templates                     e.g. for 3 (trained as "3")
+=====================================  ======================================
+``{d}``                                3
+``the digit {d}``                      the digit 3
+``a handwritten {d}``                  a handwritten 3
+``number {d}``                         number 3
+``the number {d}``                     the number 3
+``an image of the digit {d}``          an image of the digit 3
+=====================================  ======================================
+
+=====================================  ======================================
 held-out templates                     e.g. for 3
-=====================================  ===============================
-``a picture of the number {w}``        a picture of the number three
-``handwritten digit {n}``              handwritten digit 3
-=====================================  ===============================
+=====================================  ======================================
+``a picture of the number {d}``        a picture of the number 3
+``handwritten digit {d}``              handwritten digit 3
+=====================================  ======================================
 
 Every held-out caption differs from every training caption of every class (see the tests). Sample ``i``
 of the digits dataset gets ``train_caption(label, i)``: the training templates in turn, offset by the
@@ -35,19 +38,19 @@ import numpy as np
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 NUM_CLASSES = len(NUMBER_WORDS)
 TRAIN_TEMPLATES = (
-    "{n}",
-    "the digit {n}",
-    "the digit {w}",
-    "a handwritten {w}",
-    "a handwritten {n}",
-    "number {w}",
-    "the number {n}",
-    "an image of the digit {w}",
+    "{d}",
+    "the digit {d}",
+    "a handwritten {d}",
+    "number {d}",
+    "the number {d}",
+    "an image of the digit {d}",
 )
 HELDOUT_TEMPLATES = (
-    "a picture of the number {w}",
-    "handwritten digit {n}",
+    "a picture of the number {d}",
+    "handwritten digit {d}",
 )
+#: The evaluation's caption groups (see the module docstring).
+GROUPS = ("train", "heldout_templates", "heldout_forms")
 
 
 def _check_label(label) -> int:
@@ -56,27 +59,43 @@ def _check_label(label) -> int:
     return int(label)
 
 
-def fill(template: str, label: int) -> str:
-    """``template`` with the numeral ``{n}`` and the word ``{w}`` of digit ``label``."""
+def trained_form(label: int) -> str:
+    """The form digit ``label`` is trained with: the numeral for odd digits, the word for even ones."""
     label = _check_label(label)
-    return template.format(n=str(label), w=NUMBER_WORDS[label])
+    return str(label) if label % 2 else NUMBER_WORDS[label]
+
+
+def heldout_form(label: int) -> str:
+    """The form of digit ``label`` never seen in training."""
+    label = _check_label(label)
+    return NUMBER_WORDS[label] if label % 2 else str(label)
+
+
+def fill(template: str, form: str) -> str:
+    return template.format(d=form)
 
 
 def train_captions(label: int) -> list[str]:
     """The training phrasings of digit ``label``, in template order."""
-    return [fill(t, label) for t in TRAIN_TEMPLATES]
+    return [fill(t, trained_form(label)) for t in TRAIN_TEMPLATES]
 
 
-def heldout_captions(label: int) -> list[str]:
-    """The held-out phrasings of digit ``label`` (never used for training), in template order."""
-    return [fill(t, label) for t in HELDOUT_TEMPLATES]
+def group_captions(group: str, label: int) -> list[str]:
+    """The captions of evaluation group ``group`` (one of :data:`GROUPS`) for digit ``label``."""
+    if group == "train":
+        return train_captions(label)
+    if group == "heldout_templates":
+        return [fill(t, trained_form(label)) for t in HELDOUT_TEMPLATES]
+    if group == "heldout_forms":
+        return [fill(t, heldout_form(label)) for t in TRAIN_TEMPLATES]
+    raise ValueError(f"caption group must be one of {', '.join(GROUPS)}, got {group!r}")
 
 
 def train_caption(label: int, index: int) -> str:
     """The caption of training sample ``index`` of class ``label``: training template
-    ``(index + label) % len(TRAIN_TEMPLATES)``; deterministic."""
+    ``(index + label) % len(TRAIN_TEMPLATES)`` with the trained form; deterministic."""
     label = _check_label(label)
-    return fill(TRAIN_TEMPLATES[(int(index) + label) % len(TRAIN_TEMPLATES)], label)
+    return fill(TRAIN_TEMPLATES[(int(index) + label) % len(TRAIN_TEMPLATES)], trained_form(label))
 
 
 def caption_words() -> list[str]:
@@ -88,16 +107,19 @@ def caption_words() -> list[str]:
     return sorted(words)
 
 
-def write_digits_caption_dataset(root, encoder, *, samples_per_shard: int = 512, batch_size: int = 256):
-    """The embedded digits (as in ``write_digits_shards``: 1-channel 8×8 "latents" of an identity
-    autoencoder) with the caption ``train_caption(label, i)`` of each sample ``i`` embedded by ``encoder``
+def write_digits_caption_dataset(root, encoder, *, split: str = "all", samples_per_shard: int = 512,
+                                 batch_size: int = 256):
+    """The embedded digits of ``split`` (as in ``write_digits_shards``: 1-channel 8×8 "latents" of an identity
+    autoencoder) with the caption ``train_caption(label, i)`` of each digit ``i`` embedded by ``encoder``
     (a :class:`ditmoe.text.TextEncoder`), as a latent dataset with captions in ``root``; class labels are
     kept. Returns the manifest."""
-    from .digits import digits_arrays, pixels_to_latents
+    from .digits import digits_arrays, pixels_to_latents, split_indices
     from .latent_format import write_latent_dataset
 
     images, labels = digits_arrays()
-    captions = encoder.encode([train_caption(int(y), i) for i, y in enumerate(labels)], batch_size=batch_size)
+    index = split_indices(split, len(labels))
+    images, labels = images[index], labels[index]
+    captions = encoder.encode([train_caption(int(y), i) for i, y in zip(index, labels)], batch_size=batch_size)
     return write_latent_dataset(root, pixels_to_latents(images).numpy(), 0.0, np.asarray(labels), vae="identity",
                                 resolution=8, samples_per_shard=samples_per_shard, num_classes=NUM_CLASSES,
                                 captions=captions, text_encoder=encoder.name)

@@ -4,6 +4,8 @@ import numpy as np
 import torch
 
 PIXEL_MAX = 16.0  # digits pixels are integers in [0, 16]
+HELD_OUT_EVERY = 10  #: Digit i is held out of training (the validation split) when i % HELD_OUT_EVERY == 9.
+SPLITS = ("train", "val", "all")
 
 
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -12,6 +14,15 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 
     data = load_digits()
     return data.images.astype(np.uint8), data.target.astype(np.int64)
+
+
+def split_indices(split: str, total: int) -> np.ndarray:
+    """Indices of the digits in ``split``: 'val' every tenth digit (179 of 1797), 'train' the others, or 'all'."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    index = np.arange(total)
+    held_out = index % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
+    return index if split == "all" else index[held_out if split == "val" else ~held_out]
 
 
 def pixels_to_latents(images: np.ndarray) -> torch.Tensor:

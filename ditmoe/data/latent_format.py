@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..write_errors import writing
+
 FORMAT = "ditmoe-latents"
 VERSION = 1  # latents and class labels
 CAPTION_VERSION = 2  # latents, class labels and caption embeddings
@@ -59,11 +61,13 @@ class CorruptShardError(RuntimeError):
 
 
 def write_json_atomic(path, obj):
-    """Write ``obj`` as JSON to ``path`` via a temporary file and a rename."""
+    """Write ``obj`` as JSON to ``path`` via a temporary file and a rename; a failed write removes the temporary
+    file, leaves ``path`` as it was and names it (``WriteFailed``)."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    with writing(path, tmp):
+        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)
 
 
 def sha256_file(path, chunk=1 << 22):
@@ -149,13 +153,15 @@ def check_key(key):
 class ShardWriter:
     """Write one latent shard atomically: to ``NAME.tmpPID`` first, renamed to ``path`` on close.
 
-    Use as a context manager; an exception inside the block removes the temporary file.
+    Use as a context manager; an exception inside the block removes the temporary file. A failed write (a full
+    disk) is a ``WriteFailed`` naming ``path``.
     """
 
     def __init__(self, path):
         self.path = Path(path)
         self._tmp = self.path.with_name(f"{self.path.name}.tmp{os.getpid()}")
-        self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
+        with writing(self.path, self._tmp):
+            self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
         self.num_samples = 0
         self.shape = self.text_shape = self.record_bytes = None
 
@@ -189,11 +195,12 @@ class ShardWriter:
         if text is not None:
             text, text_length = self._caption(where, text, text_length)
         start = self._tar.offset
-        self._tar.addfile(*_member(f"{key}.cls", str(label).encode()))
-        self._tar.addfile(*_member(f"{key}.{LATENT_EXT}", encode_latent(latent)))
-        if text is not None:
-            self._tar.addfile(*_member(f"{key}.{TEXT_LENGTH_EXT}", str(text_length).encode()))
-            self._tar.addfile(*_member(f"{key}.{TEXT_EXT}", encode_latent(text)))
+        with writing(self.path):
+            self._tar.addfile(*_member(f"{key}.cls", str(label).encode()))
+            self._tar.addfile(*_member(f"{key}.{LATENT_EXT}", encode_latent(latent)))
+            if text is not None:
+                self._tar.addfile(*_member(f"{key}.{TEXT_LENGTH_EXT}", str(text_length).encode()))
+                self._tar.addfile(*_member(f"{key}.{TEXT_EXT}", encode_latent(text)))
         assert self._tar.offset - start == self.record_bytes, "records must be fixed-size"
         self.num_samples += 1
 
@@ -218,8 +225,9 @@ class ShardWriter:
 
     def close(self):
         """Finish the tar, rename it into place; return its manifest entry."""
-        self._tar.close()
-        os.replace(self._tmp, self.path)
+        with writing(self.path):
+            self._tar.close()
+            os.replace(self._tmp, self.path)
         return {
             "name": self.path.name,
             "num_samples": self.num_samples,
@@ -228,8 +236,13 @@ class ShardWriter:
         }
 
     def abort(self):
-        self._tar.close()
-        self._tmp.unlink(missing_ok=True)
+        """Close and remove the temporary file (closing after a failed write may fail again: that is ignored)."""
+        try:
+            self._tar.close()
+        except OSError:
+            pass
+        finally:
+            self._tmp.unlink(missing_ok=True)
 
     def __enter__(self):
         return self

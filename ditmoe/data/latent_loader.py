@@ -228,3 +228,31 @@ class LatentLoader:
                 raise ValueError(f"loader state has {key}={state.get(key)!r}, this loader {value!r}: "
                                  f"cannot resume exactly")
         self._next = int(state["epoch"]) * self.batches_per_epoch + int(state["batch_in_epoch"])
+
+
+def read_fixed_samples(root, count: int, *, seed: int):
+    """A fixed evaluation set of latent dataset ``root``: ``count`` samples spread evenly over it (all when it holds
+    fewer), in index order, unflipped, each latent drawn with noise from (seed, index) alone.
+    Returns ``(x (n, C, H, W), y, labels (n,))``: ``y`` the labels, or a ``Caption`` for captioned data."""
+    manifest = read_manifest(root)
+    verify_shards(root, manifest["shards"], checksum=True)
+    check_shard_records(root, manifest)
+    data = _Batches(root, manifest, 1, seed, 0, 1)
+    total = manifest["num_samples"]
+    indices = np.unique(np.linspace(0, total - 1, min(count, total)).round().astype(np.int64)).tolist()
+    x, labels, tokens, lengths = [], [], [], []
+    gen = torch.Generator()
+    for index in indices:
+        _, label, latent, *caption = data.read(index)
+        gen.manual_seed(_sample_seed(seed, "fixed", index))
+        mean, std = torch.from_numpy(latent[0].astype(np.float32))  # view 0: unflipped
+        x.append((mean + std * torch.randn(mean.shape, generator=gen)) * data.scaling_factor)
+        labels.append(int(label))
+        if caption:
+            tokens.append(torch.from_numpy(caption[0].astype(np.float32)))
+            lengths.append(int(caption[1]))
+    labels = torch.tensor(labels, dtype=torch.int64)
+    if not tokens:
+        return torch.stack(x), labels, labels
+    mask = torch.arange(data.text_shape[0]) < torch.tensor(lengths)[:, None]
+    return torch.stack(x), Caption(torch.stack(tokens), mask), labels

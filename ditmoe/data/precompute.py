@@ -17,7 +17,9 @@ Samples are rejected, never repaired: a duplicate key, a label outside ``[0, num
 key that is not a plain relative path (absolute, with ``.``/``..``/empty parts or a backslash: as an
 output member name it would point out of the dataset when extracted). A shard's temporary files
 (``NAME.tar.tmpPID``, ``NAME.tar.json.tmpPID``) are removed when its writing fails, and stale ones
-from killed runs when the rank that owns the shard starts.
+from killed runs when the rank that owns the shard starts. A full disk stops the run with one error naming
+the file (``no space left on MOUNT writing OUT/NAME.tar``); the shards finished before stay, and a rerun
+skips them.
 """
 
 import glob
@@ -34,6 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..write_errors import writing
 from .image_shards import ImageShardReader
 from .latent_format import MANIFEST, REJECTS, ShardWriter, check_key, make_manifest, write_json_atomic
 from .preprocess import error_text, pil_preprocess, plan_resize, probe_image
@@ -54,7 +57,7 @@ class Settings:
     decoder: str = "pil"  # "pil" or "dali"
     device: str = "cpu"  # "cpu" or "cuda"
     num_classes: int = None  # labels must lie in [0, num_classes); None: largest label + 1, below 1000
-    text_encoder: str = None  # transformers text encoder (hub id or directory): store caption embeddings
+    text_encoder: str = None  # text encoder (registered name, hub id or directory): store caption embeddings
     text_max_length: int = None  # tokens per caption, with text_encoder
     caption_key: str = None  # captions from this key of the json member; None: from the txt member
     text_batch_size: int = None  # captions per text encoder forward; None: batch_size
@@ -416,7 +419,7 @@ class Precompute:
     @staticmethod
     def _write_rejects(parts, path):
         """All shards' rejects, one JSON object a line, in input order."""
-        with open(_temp_path(path), "w") as f:
+        with writing(path), open(_temp_path(path), "w") as f:
             for part in parts:
                 for reject in part["rejects"]:
                     f.write(json.dumps(reject) + "\n")

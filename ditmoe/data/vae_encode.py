@@ -3,14 +3,15 @@
 import torch
 
 
-def load_vae(name_or_path, device):
-    """``AutoencoderKL`` from a hub id or a local directory, in eval mode on ``device``."""
+def load_vae(name_or_path, device, source="--vae"):
+    """``AutoencoderKL`` from a hub id or a local directory, in eval mode on ``device``; an OSError naming
+    ``source`` (where the name came from) and the name if it cannot be loaded."""
     from diffusers import AutoencoderKL
 
     try:
         vae = AutoencoderKL.from_pretrained(name_or_path, low_cpu_mem_usage=False)  # no accelerate needed
     except (OSError, ValueError) as e:
-        raise OSError(f"--vae {name_or_path!r}: cannot load a diffusers AutoencoderKL: {e}") from None
+        raise OSError(f"{source} {name_or_path!r}: cannot load a diffusers AutoencoderKL: {e}") from None
     return vae.to(device).eval().requires_grad_(False)
 
 

@@ -22,19 +22,30 @@ MIN_IMAGES = 4  # precision/recall use the 3rd nearest neighbour
 STAT_SHAPES = {"mu": (2048,), "sigma": (2048, 2048), "mu_s": (2023,), "sigma_s": (2023, 2023)}
 
 
+def check_images(shape: tuple, dtype, where: str, name: str = "arr_0") -> None:
+    """ValueError (``where: ...``) unless ``shape`` and ``dtype`` (of the array ``name``) are those of at least
+    MIN_IMAGES uint8 images (N, H, W, 3) or grayscale (N, H, W[, 1])."""
+    if dtype != np.uint8:
+        raise ValueError(f"{where}: {name} must hold uint8 images, got {dtype}")
+    if not (len(shape) == 3 or (len(shape) == 4 and shape[3] in (1, 3))) or 0 in shape[1:]:
+        raise ValueError(f"{where}: {name} must be (N, H, W, 3) images or grayscale (N, H, W[, 1]), "
+                         f"got shape {shape}")
+    if shape[0] < MIN_IMAGES:
+        raise ValueError(f"{where}: the metrics need at least {MIN_IMAGES} images (k=3 nearest neighbours), "
+                         f"got {shape[0]}")
+
+
+def rgb(batch: np.ndarray) -> np.ndarray:
+    """(n, H, W[, 1 or 3]) uint8 images -> (n, H, W, 3): grayscale repeated to 3 channels."""
+    batch = batch.reshape(*batch.shape[:3], -1)
+    return np.repeat(batch, 3, axis=3) if batch.shape[3] == 1 else batch
+
+
 @contextmanager
 def _open_images(path: str):
     """arr_0 of the npz at ``path`` as an ``ArrayStream``, after checking it holds enough uint8 images."""
     with open_array(path, "arr_0") as images:
-        shape = images.shape
-        if images.dtype != np.uint8:
-            raise ValueError(f"{path}: arr_0 must hold uint8 images, got {images.dtype}")
-        if not (len(shape) == 3 or (len(shape) == 4 and shape[3] in (1, 3))) or 0 in shape[1:]:
-            raise ValueError(f"{path}: arr_0 must be (N, H, W, 3) images or grayscale (N, H, W[, 1]), "
-                             f"got shape {shape}")
-        if shape[0] < MIN_IMAGES:
-            raise ValueError(f"{path}: the metrics need at least {MIN_IMAGES} images (k=3 nearest "
-                             f"neighbours), got {shape[0]}")
+        check_images(images.shape, images.dtype, path)
         images.check_c_order()
         yield images
 
@@ -49,19 +60,23 @@ def image_batches(path: str, batch_size: int):
     """Yield (n, H, W, 3) uint8 batches of arr_0, streamed."""
     with _open_images(path) as images:
         for batch in images.batches(batch_size):
-            batch = batch.reshape(*batch.shape[:3], -1)
-            yield np.repeat(batch, 3, axis=3) if batch.shape[3] == 1 else batch
+            yield rgb(batch)
 
 
 @torch.no_grad()
-def inception_outputs(model: InceptionV3, path: str, batch_size: int, device) -> dict[str, np.ndarray]:
-    """pool (N, 2048), spatial (N, 2023) and probs (N, 1008) of every image in arr_0."""
+def batch_outputs(model: InceptionV3, batches, device) -> dict[str, np.ndarray]:
+    """pool (N, 2048), spatial (N, 2023) and probs (N, 1008) of the images of ``batches``, (n, H, W, 3) uint8 each."""
     parts = {"pool": [], "spatial": [], "probs": []}
-    for batch in image_batches(path, batch_size):
-        out = model(torch.from_numpy(batch).to(device).permute(0, 3, 1, 2))
+    for batch in batches:
+        out = model(torch.from_numpy(np.ascontiguousarray(batch)).to(device).permute(0, 3, 1, 2))
         for name, chunks in parts.items():
             chunks.append(getattr(out, name).cpu().numpy())
     return {name: np.concatenate(chunks) for name, chunks in parts.items()}
+
+
+def inception_outputs(model: InceptionV3, path: str, batch_size: int, device) -> dict[str, np.ndarray]:
+    """pool (N, 2048), spatial (N, 2023) and probs (N, 1008) of every image in arr_0."""
+    return batch_outputs(model, image_batches(path, batch_size), device)
 
 
 def statistics(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -91,20 +106,26 @@ def stored_statistics(path: str) -> dict[str, np.ndarray] | None:
     return stats
 
 
-def _float32_matmuls() -> None:
-    """The TF graph runs in float32; TF32 moves features by ~1e-3."""
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+@contextmanager
+def float32_matmuls():
+    """The TF graph runs in float32; TF32 moves features by ~1e-3. TF32 is off inside the block, and the
+    settings are restored after it (a training run keeps its own)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+@float32_matmuls()
 def write_reference_batch(samples: str, out: str, weights: str, batch_size: int = 64, device="cpu") -> None:
     """An np.savez-compatible reference batch at ``out`` for the images of ``samples``: their statistics
     and the 3-channel arr_0, written batch by batch."""
-    _float32_matmuls()
     check_npz(samples)  # a damaged file fails here, not after the Inception pass
     count, height, width = image_shape(samples)[:3]
     model = load_inception(weights, device)
@@ -115,10 +136,10 @@ def write_reference_batch(samples: str, out: str, weights: str, batch_size: int 
         npz.add_chunks("arr_0", (count, height, width, 3), np.uint8, image_batches(samples, batch_size))
 
 
+@float32_matmuls()
 def evaluate_samples(samples: str, ref: str, weights: str, batch_size: int = 64, device="cpu") -> dict:
     """The five metrics of ADM's evaluator for ``samples`` against the reference batch ``ref`` (None where
     not computable: precision and recall need the reference's arr_0). Inputs are checked before any work."""
-    _float32_matmuls()
     check_npz(samples)  # damaged files fail here, not after the Inception passes
     check_npz(ref)
     image_shape(samples)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 INPUT_SIZE = 299
 SPATIAL_CHANNELS = 7  # ADM's sFID keeps mixed_6/conv[..., :7]
+WEIGHTS_ENV = "DITMOE_INCEPTION_WEIGHTS"  # where the tools and training look for the weights file by default
 
 
 class InceptionFeatures(NamedTuple):

@@ -3,8 +3,10 @@
 Samples come in batches of ``batch_size``; batch b starts from noise seeded by ``seed + b``. Each rank
 samples a contiguous share of the batches into ``<out>.rank<R>-of-<W>.npy``; rank 0 streams the parts into
 the npz and removes them. The npz is the same for any number of ranks (same seed, batch size and kind of
-device), written under a temporary name and renamed when complete. A run that dies part-way may leave parts
-behind; the next run with as many ranks overwrites them.
+device), written under a temporary name and renamed when complete, as is the grid. A run that dies part-way
+may leave parts behind; the next run with as many ranks overwrites them. A failed write (a full disk) is one
+error naming the file (``no space left on MOUNT writing PATH``) and leaves no partial file: a rank removes its
+part, rank 0 the temporary npz and grid and every part; an earlier npz or grid of the same name stays as it was.
 """
 
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from ..model.grouped_gemm import set_expert_gemm
 from ..model.moe import set_capacity_threshold
 from ..npz import NpzWriter, write_npy_header
 from ..sampling import balanced_labels, generate, num_batches, rank_batches, to_uint8_images
+from ..write_errors import remove, staged_file, writing
 from .grid import save_grid
 from .prompts import load_text_encoder, prompt_captions, read_prompts, save_prompt_grid
 
@@ -78,9 +81,10 @@ def sample_batches(model, objective, labels: Condition, batches: range, settings
 
 def write_part(part: Path, images, count: int):
     """Stream ``count`` images, arriving in batches, into the .npy file ``part``. The file is created
-    once the first batch is there, so a sampler that fails at once leaves no file behind."""
+    once the first batch is there, so a sampler that fails at once leaves no file behind; any later
+    failure removes it."""
     first = next(images)
-    with open(part, "wb") as f:
+    with writing(part, part), open(part, "wb") as f:
         write_npy_header(f, (count, *first.shape[1:]), np.uint8)
         f.write(first.tobytes())
         for batch in images:
@@ -108,21 +112,24 @@ def write_grid(path: str, parts: list[np.ndarray], labels: np.ndarray, num_class
 def assemble(out: Path, paths: list[Path], labels: np.ndarray, grid: str | None, num_classes: int,
              prompts: list[str] | None = None) -> tuple:
     """Rank 0, once every rank has written its part: the npz (and the grid) from the parts, which it then
-    removes. Returns the shape of one image. ``labels``: classes, or with ``prompts`` each sample's prompt
-    index (the npz then also holds ``prompts``)."""
-    parts = [np.load(p, mmap_mode="r") for p in paths]
-    with NpzWriter(out) as npz:
-        npz.add_chunks("arr_0", (len(labels), *parts[0].shape[1:]), np.uint8, part_rows(parts))
-        npz.add("arr_1", labels.astype(np.int64))
-        if prompts is not None:
-            npz.add("prompts", np.array(prompts))
-    if grid and prompts is not None:
-        save_prompt_grid(np.concatenate([np.asarray(p) for p in parts]), labels, prompts, grid)
-    elif grid:
-        write_grid(grid, parts, labels, num_classes)
-    for p in paths:
-        p.unlink()
-    return parts[0].shape[1:]
+    removes (also when writing fails: they are sampled again by the next run). Returns the shape of one image.
+    ``labels``: classes, or with ``prompts`` each sample's prompt index (the npz then also holds ``prompts``)."""
+    try:
+        parts = [np.load(p, mmap_mode="r") for p in paths]
+        with writing(out), NpzWriter(out) as npz:
+            npz.add_chunks("arr_0", (len(labels), *parts[0].shape[1:]), np.uint8, part_rows(parts))
+            npz.add("arr_1", labels.astype(np.int64))
+            if prompts is not None:
+                npz.add("prompts", np.array(prompts))
+        if grid:
+            with staged_file(grid) as staged:
+                if prompts is not None:
+                    save_prompt_grid(np.concatenate([np.asarray(p) for p in parts]), labels, prompts, staged)
+                else:
+                    write_grid(staged, parts, labels, num_classes)
+        return parts[0].shape[1:]
+    finally:
+        remove(*paths)
 
 
 def sample_to_npz(settings: SampleSettings, rank: int, world: int, device: torch.device) -> tuple | None:

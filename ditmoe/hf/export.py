@@ -3,7 +3,8 @@ modeling code, the diffusion schedule and a model card.
 
 The folder is written beside ``out`` and swapped in when complete: an export never mixes with an earlier
 one (a stale ``model.safetensors`` beside a new index would win in ``from_pretrained``), a failed one leaves
-nothing behind, and a non-empty ``out`` is replaced only when asked to."""
+nothing behind (a full disk is one error naming ``out``, whatever library was writing), and a non-empty ``out``
+is replaced only when asked to."""
 
 import contextlib
 import json
@@ -18,6 +19,7 @@ import torch
 from ..model import DiT
 from ..model.card import count_parameters
 from ..weights import hf
+from ..write_errors import writing
 from .configuration_ditmoe import DiTMoEConfig
 from .load import SCHEDULER_FILE
 from .modeling_ditmoe import DiTMoEModel
@@ -94,7 +96,7 @@ def export(model: DiT, out: str | Path, *, objective: str, dtype: str = "fp32", 
     hf_model.load_state_dict(hf.from_ditmoe(model.state_dict()))
     hf_model.to(DTYPES[dtype])
     params = count_parameters(model.config)
-    with staged_folder(Path(out), overwrite) as folder:
+    with writing(out), staged_folder(Path(out), overwrite) as folder:
         hf_model.save_pretrained(folder, max_shard_size=shard_bytes)
         write_remote_code(folder)
         (folder / SCHEDULER_FILE).write_text(json.dumps(schedule, indent=2) + "\n")

@@ -104,6 +104,8 @@ def _build_presets() -> dict[str, DiTConfig]:
         num_kv_heads=2, text_dim=16, text_len=8, routing="expert_choice", capacity_factor=2.0,
         moe_placement="every_other", expert_activation="gelu", num_shared_experts=0,
     )
+    # the same on captions embedded by the pretrained MiniLM (384-d token states, captions padded to 10 tokens)
+    presets["demo-t2i-minilm"] = presets["demo-t2i"].replace(text_dim=384, text_len=10)
     presets.update(_ec_dit_presets())
     return presets
 

@@ -1,15 +1,19 @@
 """A frozen ``transformers`` text encoder: prompts -> ``Caption`` (token embeddings + padding mask).
 
 T5-family checkpoints load as their encoder-only class (``T5EncoderModel``), CLIP checkpoints (full or
-text-only) as ``CLIPTextModel``, anything else through ``AutoModel`` (the encoder of an encoder-decoder
-model). The tokenizer comes from the same path through ``AutoTokenizer``. With ``HF_HUB_OFFLINE`` (or
-``TRANSFORMERS_OFFLINE``) set, nothing is downloaded: a hub id must already be in the local cache.
+text-only) as ``CLIPTextModel``, anything else through ``AutoModel`` (BERT-family encoders such as
+``minilm``, the encoder of an encoder-decoder model). The tokenizer comes from the same path through
+``AutoTokenizer``. Remote code is never run. With ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) set,
+nothing is downloaded: a hub id must already be in the local cache. Registered names (``minilm``, see
+``ditmoe.text.pretrained``) load from an installed package after their files' SHA-256 are checked, from
+safetensors only.
 
 Every prompt is padded (on the right) or truncated to exactly ``max_length`` tokens, so captions of a
 dataset all have the shape ``(max_length, width)``; the mask is True on the real tokens, and the
 embeddings at padding positions are set to zero (padding carries nothing).
 """
 
+import contextlib
 import os
 import pickle
 from pathlib import Path
@@ -17,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..model.conditioning import Caption
+from .pretrained import PRETRAINED, pretrained_encoder, verified_view
 
 _TRUE = {"1", "ON", "YES", "TRUE"}
 _T5_CLASSES = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
@@ -52,38 +57,55 @@ class TextEncoder:
         self.name, self.model, self.tokenizer, self.max_length = name, model, tokenizer, max_length
 
     @classmethod
-    def load(cls, name_or_path, max_length: int, device="cpu", dtype=torch.float32) -> "TextEncoder":
-        """Load the encoder ``name_or_path`` (hub id or local directory) in eval mode, without gradients, on
-        ``device``. ``max_length``: tokens per caption (prompts are padded or truncated to it). ``dtype``: the
-        weights' dtype (``"auto"``: the checkpoint's); the embeddings :meth:`encode` returns are float32.
-        OSError naming the path when it cannot be loaded."""
+    def load(cls, name_or_path, max_length: int, device="cpu", dtype=torch.float32,
+             pretrained_folder=None) -> "TextEncoder":
+        """Load the encoder ``name_or_path`` (a registered name such as ``"minilm"``, a hub id or a local
+        directory) in eval mode, without gradients, on ``device``. ``max_length``: tokens per caption (prompts
+        are padded or truncated to it). ``dtype``: the weights' dtype (``"auto"``: the checkpoint's); the
+        embeddings :meth:`encode` returns are float32. A registered name (``ditmoe.text.pretrained``) wins over
+        a directory of that name (write ``./minilm`` for the directory); its files are verified before loading
+        and ``pretrained_folder`` may give a copy of its folder to verify and load instead of the installed
+        package's. OSError naming the encoder when it cannot be loaded (``PretrainedFileError`` for a
+        registered encoder whose package is missing or whose files differ from the recorded ones)."""
         name = str(name_or_path)
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
             raise ValueError(f"text encoder {name!r}: max_length must be a positive integer, got {max_length!r}")
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar per load
-        local = Path(name).is_dir()
-        if not local and (Path(name).is_absolute() or name.startswith(".") or Path(name).exists()):
-            raise OSError(f"text encoder {name!r}: no such directory")
-        kwargs = {"local_files_only": offline() and not local}
-        try:
-            config = transformers.AutoConfig.from_pretrained(name, **kwargs)
-            model_type = getattr(config, "model_type", "")
-            if model_type in _T5_CLASSES:
-                model = getattr(transformers, _T5_CLASSES[model_type]).from_pretrained(name, dtype=dtype, **kwargs)
-            elif model_type in _CLIP_TYPES:
-                model = transformers.CLIPTextModel.from_pretrained(name, dtype=dtype, **kwargs)
+        registered = pretrained_encoder(name)
+        if pretrained_folder is not None and registered is None:
+            raise ValueError(f"text encoder {name!r}: pretrained_folder is only for registered names "
+                             f"({', '.join(sorted(PRETRAINED))})")
+        with contextlib.ExitStack() as stack:
+            if registered is not None:  # verified first; transformers sees only the verified files
+                source, local = str(stack.enter_context(verified_view(name, pretrained_folder))), True
             else:
-                model = transformers.AutoModel.from_pretrained(name, dtype=dtype, **kwargs)
-                if getattr(model.config, "is_encoder_decoder", False):
-                    model = model.get_encoder()
-            tokenizer = transformers.AutoTokenizer.from_pretrained(name, **kwargs)
-        except Exception as e:  # noqa: BLE001 (a refused pickle, a truncated safetensors file, a bad config, ...)
-            where = "a local directory" if local else ("the local cache (offline)" if kwargs["local_files_only"]
-                                                       else "the hub")
-            raise OSError(f"text encoder {name!r}: cannot load a transformers encoder and tokenizer from "
-                          f"{where}: {_first_line(e)}") from None
+                source, local = name, Path(name).is_dir()
+                if not local and (Path(name).is_absolute() or name.startswith(".") or Path(name).exists()):
+                    raise OSError(f"text encoder {name!r}: no such directory")
+            import transformers
+
+            transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar per load
+            kwargs = {"local_files_only": offline() and not local, "trust_remote_code": False}
+            weights = {"use_safetensors": True} if registered is not None else {}
+            try:
+                config = transformers.AutoConfig.from_pretrained(source, **kwargs)
+                model_type = getattr(config, "model_type", "")
+                if model_type in _T5_CLASSES:
+                    model = getattr(transformers, _T5_CLASSES[model_type]).from_pretrained(
+                        source, dtype=dtype, **weights, **kwargs)
+                elif model_type in _CLIP_TYPES:
+                    model = transformers.CLIPTextModel.from_pretrained(source, dtype=dtype, **weights, **kwargs)
+                else:  # BERT-family encoders (minilm) too: their last hidden states per token
+                    model = transformers.AutoModel.from_pretrained(source, dtype=dtype, **weights, **kwargs)
+                    if getattr(model.config, "is_encoder_decoder", False):
+                        model = model.get_encoder()
+                tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
+            except Exception as e:  # noqa: BLE001 (a refused pickle, a truncated safetensors file, a bad config, ...)
+                where = ("its verified files" if registered is not None else "a local directory" if local
+                         else "the local cache (offline)" if kwargs["local_files_only"] else "the hub")
+                raise OSError(f"text encoder {name!r}: cannot load a transformers encoder and tokenizer from "
+                              f"{where}: {_first_line(e)}") from None
+        if registered is not None:  # not the temporary folder of links, gone now
+            model.config._name_or_path = tokenizer.name_or_path = name
         check_max_length(name, max_length, model.config, tokenizer)
         if tokenizer.pad_token is None:
             if tokenizer.eos_token is None:

@@ -10,9 +10,12 @@ from ..config_file import dump_config, file_format, read_config_file
 from ..model import DiTConfig, get_preset
 from ..model.grouped_gemm import EXPERT_GEMMS
 from ..settings import apply_overrides, check_values, format_value
+from ..write_errors import staged_file
 
 OBJECTIVES = ("ddpm", "rectified_flow")
 PRECISIONS = ("auto", "fp32", "bf16")
+LR_SCHEDULES = ("constant", "cosine")
+DIGITS_TEXT_ENCODERS = ("tiny", "minilm")
 #: Settings that fix a run's data order and noise: a resume never changes them.
 DATA_ORDER = ("seed", "global_batch_size")
 #: Settings that change what is optimised: a resume changes them only when ``resume_changes`` names them.
@@ -28,6 +31,7 @@ class TrainConfig:
     model_overrides: tuple[str, ...] = ()  #: KEY=VALUE items applied to the preset's model config (set as model.KEY).
     objective: str = "ddpm"  #: Training objective: 'ddpm' or 'rectified_flow'.
     data: str = "digits"  #: 'digits', 'digits-t2i' (embedded; with captions) or a directory of latent shards.
+    digits_text_encoder: str = "tiny"  #: data='digits-t2i': 'tiny' (a random tiny CLIP) or 'minilm' (pretrained).
     out: str = "runs/demo"  #: Output directory: config, metrics.jsonl, tensorboard/, checkpoints/.
     steps: int = 1000  #: Optimizer steps to train for.
     global_batch_size: int = 256  #: Samples per optimizer step over all ranks.
@@ -36,6 +40,8 @@ class TrainConfig:
     seed: int = 0  #: Random seed of initialization, data order and noise.
     lr: float = 1e-4  #: Peak AdamW learning rate.
     lr_warmup_steps: int = 0  #: Steps of linear learning rate warmup.
+    lr_schedule: str = "constant"  #: After warm-up: 'constant' or 'cosine' (to lr_final_fraction · lr at the end).
+    lr_final_fraction: float = 0.0  #: The cosine schedule's last learning rate as a fraction of lr.
     weight_decay: float = 0.0  #: AdamW weight decay.
     adam_beta1: float = 0.9  #: AdamW beta1.
     adam_beta2: float = 0.999  #: AdamW beta2.
@@ -57,6 +63,12 @@ class TrainConfig:
     max_nonfinite_steps: int = 3  #: Consecutive steps with a NaN/infinite loss or gradient norm that stop training.
     ckpt_every: int = 500  #: Steps between checkpoints.
     tensorboard: bool = True  #: Also write metrics as TensorBoard events.
+    val_data: str | None = None  #: Directory of held-out latent shards for the validation loss (digits: built in).
+    val_samples: int = 256  #: Held-out samples in the validation loss, each at 8 noise levels (0: no validation).
+    val_batch_size: int = 128  #: Items per validation forward: fixed, so the loss is the same on any world size.
+    eval_every: int = 500  #: Steps between validation losses, on the EMA and on the trained weights (0: never).
+    sample_every: int = 0  #: Steps between sample grids and, on the digits, their quality numbers (0: never).
+    sample_samples: int = 500  #: Samples per periodic sampling (digits: equal per class; the grid shows 10 each).
     eval_samples: int = 1000  #: Samples of the evaluation at the end of training (digits data); 0 skips it.
     eval_sampler: str = "ddim"  #: Sampler of the final evaluation.
     eval_steps: int = 50  #: Sampling steps of the final evaluation.
@@ -76,21 +88,22 @@ class TrainConfig:
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
         for name in ("steps", "global_batch_size", "log_every", "ckpt_every", "eval_steps", "ep_size",
-                     "max_nonfinite_steps"):
+                     "max_nonfinite_steps", "val_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("micro_batch_size", "data_workers", "lr_warmup_steps", "activation_checkpointing", "eval_samples",
-                     "lr", "weight_decay"):
+                     "lr", "weight_decay", "val_samples", "eval_every", "sample_every", "sample_samples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be positive, got {self.grad_clip}")
-        for name in ("ema_decay", "adam_beta1", "adam_beta2"):
+        for name in ("ema_decay", "adam_beta1", "adam_beta2", "lr_final_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
 
     def _check_choices(self) -> None:
-        for name, choices in (("objective", OBJECTIVES), ("precision", PRECISIONS), ("expert_gemm", EXPERT_GEMMS)):
+        for name, choices in (("objective", OBJECTIVES), ("precision", PRECISIONS), ("expert_gemm", EXPERT_GEMMS),
+                              ("lr_schedule", LR_SCHEDULES), ("digits_text_encoder", DIGITS_TEXT_ENCODERS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         if not self.out.strip():
@@ -133,6 +146,10 @@ TRAIN_PRESETS = {
 # reaches 0.998 at 3000 too and is off, as in EC-DiT).
 TRAIN_PRESETS["demo-t2i"] = dataclasses.replace(TRAIN_PRESETS["demo"], preset="demo-t2i", data="digits-t2i",
                                                 out="runs/demo-t2i", steps=3000)
+
+# Text-to-image digits on the pretrained MiniLM text encoder: captions that mean their digit in words or numerals.
+TRAIN_PRESETS["demo-t2i-minilm"] = dataclasses.replace(TRAIN_PRESETS["demo-t2i"], preset="demo-t2i-minilm",
+                                                       digits_text_encoder="minilm", out="runs/demo-t2i-minilm")
 
 
 def preset_train_config(preset: str) -> TrainConfig:
@@ -207,8 +224,10 @@ def write_run_config(config: TrainConfig, out: Path) -> None:
     file that repeats the run, ``out/config.toml`` or ``out/config.yaml`` (``config.config_format``)."""
     model = config.model_config()
     record = {"train": config.to_dict(), "model": model.to_dict()}
-    (Path(out) / "config.json").write_text(json.dumps(record, indent=2))
+    with staged_file(Path(out) / "config.json") as tmp:
+        tmp.write_text(json.dumps(record, indent=2))
     header = "# The resolved settings of this run: --config THIS_FILE repeats it. Model settings not in the model\n"
     header += "# table are the preset's (config.json lists the whole model config).\n"
     text = header + dump_config(experiment(config, model), config.config_format)
-    (Path(out) / f"config.{config.config_format}").write_text(text)
+    with staged_file(Path(out) / f"config.{config.config_format}") as tmp:
+        tmp.write_text(text)

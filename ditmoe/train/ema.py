@@ -11,6 +11,8 @@ average after 2000 steps would still be the zero-initialised start). It only dep
 so resuming needs no extra state.
 """
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -71,6 +73,25 @@ class EMA:
                 raise ValueError(f"EMA state {name}: shape {tuple(value.shape)} != {tuple(self.shadow[name].shape)}")
             self.shadow[name].copy_(value)
 
+    @contextlib.contextmanager
+    def swapped_in(self, model: nn.Module):
+        """Collective under ZeRO-3: the EMA weights in ``model`` (each rank writes its own part) for the duration of
+        the block, the trained weights back after it, bit for bit. Costs one copy of this rank's weights."""
+        trained = [t.detach().clone() for t in self._sources]
+        self._write(model, self._targets)
+        try:
+            yield
+        finally:
+            self._write(model, trained)
+
+    @torch.no_grad()
+    def _write(self, model: nn.Module, values: list[torch.Tensor]):
+        torch._foreach_copy_(self._sources, values)
+        # ZeRO-3 keeps small parameters gathered between steps ("persistent"): gather them again from the
+        # partitions just written, as DeepSpeed does after an optimizer step
+        gathered = [p for p in model.parameters() if getattr(getattr(p, "ds_status", None), "name", "") == "AVAILABLE"]
+        if gathered:
+            gathered[0].all_gather(gathered)
 
     def load_full(self, full: dict[str, torch.Tensor], model: nn.Module):
         """Load the full EMA weights in ditmoe's names (``ema.pt``) under any ZeRO/EP layout:

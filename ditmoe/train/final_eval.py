@@ -1,8 +1,10 @@
-"""End-of-training evaluation of the digits demos: sample grid (one row per class) and cond_accuracy.
+"""End-of-training evaluation of the digits demos: sample grid (one row per class), cond_accuracy, pixel FD with
+the real digits' floor beside it, and diversity (``digits_quality``).
 
-The text-to-image demo is prompted with captions: half of the samples with the training phrasings of each
-digit, half with held-out phrasings never seen in training (``digit_captions``); the accuracy with which the
-independent classifier recognises the digit each prompt names is reported for both halves.
+The text-to-image demo is prompted with captions: a third of the samples with the training phrasings of each
+digit, a third with held-out templates and a third with the form of each digit never seen in training
+(``digit_captions``); the accuracy with which the independent classifier recognises the digit each prompt
+names, the pixel FD and the diversity are reported per group.
 """
 
 import json
@@ -15,12 +17,13 @@ from tqdm import tqdm
 
 from ..data.digits import latents_to_pixels
 from ..diffusion import objective_for
-from ..eval.digits import conditional_accuracy
+from ..eval.digits import digits_quality
 from ..eval.grid import save_grid
 from ..eval.prompts import load_text_encoder
 from ..inference import load_model
 from ..model.conditioning import Caption, batch_size
 from ..sampling import generate, num_batches
+from ..write_errors import staged_file
 from .config import TrainConfig
 
 BATCH_SIZE = 100  #: Samples per sampling batch: one progress bar update each.
@@ -37,16 +40,29 @@ def final_eval(config: TrainConfig) -> dict:
     num_classes = model.config.num_classes
     labels = torch.arange(num_classes).repeat_interleave(config.eval_samples // num_classes)
     pixels = sample_pixels(config, model, labels)  # (N, 8, 8) in [0, 16]
-    accuracy = conditional_accuracy(pixels, labels.numpy())
+    quality = digits_quality(pixels, labels.numpy())
     per_class = config.eval_samples // num_classes
     grid = pixels.reshape(num_classes, per_class, 8, 8)[:, :10].reshape(-1, 8, 8)
-    save_grid(np.round(grid / 16 * 255).astype(np.uint8), rows=num_classes, path=out / "samples_grid.png")
-    result = {"cond_accuracy": accuracy, "eval_samples": len(labels), "eval_sampler": config.eval_sampler,
+    write_grid(grid, num_classes, out / "samples_grid.png")
+    result = {**quality, "eval_samples": len(labels), "eval_sampler": config.eval_sampler,
               "eval_steps": config.eval_steps, "eval_cfg_scale": config.eval_cfg_scale,
               "samples_grid": str(out / "samples_grid.png")}
-    (out / "eval.json").write_text(json.dumps(result, indent=2))
-    print(f"cond_accuracy {accuracy:.4f} on {len(labels)} samples; grid in {out / 'samples_grid.png'}", flush=True)
+    write_result(result, out / "eval.json")
+    print(f"cond_accuracy {quality['cond_accuracy']:.4f}, pixel FD {quality['pixel_fd']:.3f} (real digits' floor "
+          f"{quality['pixel_fd_real_floor']:.3f}), diversity {quality['diversity']:.2f} on {len(labels)} samples; "
+          f"grid in {out / 'samples_grid.png'}", flush=True)
     return result
+
+
+def write_grid(pixels: np.ndarray, rows: int, path: Path):
+    """Digits (N, 8, 8) in [0, 16] as a PNG grid of ``rows`` rows, replacing ``path`` only once complete."""
+    with staged_file(path) as tmp:
+        save_grid(np.round(pixels / 16 * 255).astype(np.uint8), rows=rows, path=tmp)
+
+
+def write_result(result: dict, path: Path):
+    with staged_file(path) as tmp:
+        tmp.write_text(json.dumps(result, indent=2))
 
 
 def sample_pixels(config: TrainConfig, model, conditions) -> np.ndarray:
@@ -61,31 +77,34 @@ def sample_pixels(config: TrainConfig, model, conditions) -> np.ndarray:
 
 
 def final_eval_text(config: TrainConfig, model, meta: dict) -> dict:
-    """Text-to-image digits: ``eval_samples`` / 2 samples prompted with training phrasings, as many with held-out
-    phrasings (equal per digit, cycling through its phrasings); accuracy for each half and a grid."""
+    """Text-to-image digits: ``eval_samples`` split over the caption groups of ``digit_captions`` (the training
+    phrasings, held-out templates, held-out forms of the digits), equal per digit, cycling through each digit's
+    captions of the group; accuracy, pixel FD and diversity per group, and a grid (per digit: 10 samples of each
+    group, in that order)."""
     from ..data import digit_captions
 
-    per_digit = config.eval_samples // (2 * digit_captions.NUM_CLASSES)
-    groups = {"train": digit_captions.train_captions, "heldout": digit_captions.heldout_captions}
+    groups = digit_captions.GROUPS
+    digits = digit_captions.NUM_CLASSES
+    per_digit = config.eval_samples // (len(groups) * digits)
     encoder = load_text_encoder(meta, None, None, "cpu")
     result, grid_rows = {}, []
-    for group, captions_of in groups.items():
-        prompts = [captions_of(d)[i % len(captions_of(d))] for d in range(digit_captions.NUM_CLASSES)
-                   for i in range(per_digit)]
-        labels = np.arange(digit_captions.NUM_CLASSES).repeat(per_digit)
+    for group in groups:
+        captions = [digit_captions.group_captions(group, d) for d in range(digits)]
+        prompts = [captions[d][i % len(captions[d])] for d in range(digits) for i in range(per_digit)]
+        labels = np.arange(digits).repeat(per_digit)
         tokens, mask = encoder.encode(prompts)
         pixels = sample_pixels(config, model, Caption(tokens, mask))
-        result[f"cond_accuracy_{group}_phrasings"] = conditional_accuracy(pixels, labels)
-        grid_rows.append(pixels.reshape(digit_captions.NUM_CLASSES, per_digit, 8, 8)[:, :10])
+        quality = digits_quality(pixels, labels)
+        result["pixel_fd_real_floor"] = quality.pop("pixel_fd_real_floor")
+        result.update({f"{key}_{group}": value for key, value in quality.items()})
+        grid_rows.append(pixels.reshape(digits, per_digit, 8, 8)[:, :10])
     out = Path(config.out)
-    grid = np.concatenate(grid_rows, axis=1).reshape(-1, 8, 8)  # per digit: training, then held-out phrasings
-    save_grid(np.round(grid / 16 * 255).astype(np.uint8), rows=digit_captions.NUM_CLASSES,
-              path=out / "samples_grid.png")
-    result = {**result, "eval_samples": 2 * per_digit * digit_captions.NUM_CLASSES,
-              "eval_sampler": config.eval_sampler, "eval_steps": config.eval_steps,
-              "eval_cfg_scale": config.eval_cfg_scale, "samples_grid": str(out / "samples_grid.png")}
-    (out / "eval.json").write_text(json.dumps(result, indent=2))
-    print(f"cond_accuracy {result['cond_accuracy_train_phrasings']:.4f} on training phrasings, "
-          f"{result['cond_accuracy_heldout_phrasings']:.4f} on held-out phrasings; grid in {out / 'samples_grid.png'}",
-          flush=True)
+    grid = np.concatenate(grid_rows, axis=1).reshape(-1, 8, 8)
+    write_grid(grid, digits, out / "samples_grid.png")
+    result = {**result, "eval_samples": len(groups) * per_digit * digits, "eval_sampler": config.eval_sampler,
+              "eval_steps": config.eval_steps, "eval_cfg_scale": config.eval_cfg_scale,
+              "samples_grid": str(out / "samples_grid.png")}
+    write_result(result, out / "eval.json")
+    accuracies = ", ".join(f"{result[f'cond_accuracy_{group}']:.4f} {group.replace('_', ' ')}" for group in groups)
+    print(f"cond_accuracy {accuracies}; grid in {out / 'samples_grid.png'}", flush=True)
     return result

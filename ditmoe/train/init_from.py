@@ -17,6 +17,7 @@ import torch
 
 from ..model import DiT, DiTConfig
 from ..weights.safe_load import safe_load
+from ..write_errors import writing
 
 WEIGHTS_FILE = "upcycled.pt"
 RECORD_FILE = "upcycle.json"
@@ -36,18 +37,25 @@ def init_files(path: str | Path) -> tuple[Path, Path]:
 
 def write_init_weights(folder: str | Path, state: dict[str, torch.Tensor], config: DiTConfig,
                        provenance: dict) -> tuple[Path, Path]:
-    """Write ``state`` (the tensors of ``DiT(config)``) and its record into ``folder`` (created); each file is
-    written aside and renamed, the record last. Returns (weights file, record file)."""
+    """Write ``state`` (the tensors of ``DiT(config)``) and its record into ``folder`` (created); returns
+    (weights file, record file).
+
+    Both files are written aside (``NAME.partial``) first: a failed write (a full disk is a ``WriteFailed``
+    naming the file) removes them and leaves an earlier upcycled model in ``folder`` as it was. Then the old
+    record goes, the weights are renamed into place and the record last, so a folder is never a record beside
+    weights it does not describe."""
     weights, record = init_files(folder)
     weights.parent.mkdir(parents=True, exist_ok=True)
-    staging = weights.with_name(weights.name + ".partial")
-    torch.save({name: tensor.detach().float().contiguous() for name, tensor in state.items()}, staging)
-    os.replace(staging, weights)
+    staged_weights, staged_record = (path.with_name(path.name + ".partial") for path in (weights, record))
+    with writing(weights, staged_weights):
+        torch.save({name: tensor.detach().float().contiguous() for name, tensor in state.items()}, staged_weights)
     content = {"format": FORMAT, "version": VERSION, "weights_file": WEIGHTS_FILE, "model_config": config.to_dict(),
                **provenance}
-    staging = record.with_name(record.name + ".partial")
-    staging.write_text(json.dumps(content, indent=2))
-    os.replace(staging, record)
+    with writing(record, staged_record, staged_weights):
+        staged_record.write_text(json.dumps(content, indent=2))
+    record.unlink(missing_ok=True)
+    os.replace(staged_weights, weights)
+    os.replace(staged_record, record)
     return weights, record
 
 

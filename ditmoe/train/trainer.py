@@ -10,6 +10,7 @@ logged; the micro-batch noise comes from a per-micro-batch ``torch.Generator``; 
 without blocking (``PreemptionGuard``).
 """
 
+import math
 import time
 import warnings
 from pathlib import Path
@@ -35,9 +36,10 @@ from ..parallel.expert_parallel import (
 from ..parallel.planner import fitting_zero_stage
 from .checkpointer import Checkpointer
 from .config import TrainConfig, write_run_config
-from .data import build_loader
+from .data import build_loader, validation_set
 from .divergence import DivergenceGuard, check_finite_weights
 from .ema import EMA
+from .evaluator import TrainingEvaluator, sample_conditions
 from .init_from import load_init_weights
 from .metrics import MetricsWriter, expert_load_stats
 from .preemption import PreemptionGuard
@@ -62,11 +64,21 @@ def model_fn(engine, dtype: torch.dtype, drop_labels: torch.Tensor | None = None
     return call
 
 
+def lr_at(config: TrainConfig, step: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up over ``lr_warmup_steps``, then constant or
+    a cosine from ``lr`` down to ``lr_final_fraction · lr`` at the last step."""
+    if step < config.lr_warmup_steps:
+        return config.lr * (step + 1) / config.lr_warmup_steps
+    if config.lr_schedule == "constant":
+        return config.lr
+    progress = (step - config.lr_warmup_steps) / max(1, config.steps - 1 - config.lr_warmup_steps)
+    final = config.lr_final_fraction
+    return config.lr * (final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
 def set_lr(optimizer, config: TrainConfig, step: int):
-    """Linear warm-up over ``lr_warmup_steps``, then constant."""
-    scale = min(1.0, (step + 1) / config.lr_warmup_steps) if config.lr_warmup_steps else 1.0
     for group in optimizer.param_groups:
-        group["lr"] = config.lr * scale
+        group["lr"] = lr_at(config, step)
 
 
 def parameter_grad_norm(module: torch.nn.Module) -> torch.Tensor:
@@ -132,6 +144,12 @@ class Trainer:
         self.checkpointer = Checkpointer(config, self.run_folder.ckpt_root, rank=self.rank, world_size=self.world,
                                          zero_stage=self.zero_stage, guard=PreemptionGuard(),
                                          verify=self.check_saveable, text_encoder=self.loader_text_encoder())
+        validation = validation_set(config, self.model_config)
+        self.evaluator = TrainingEvaluator(
+            config, self.engine, self.ema, self.objective, self.dtype,
+            validation_set=None if validation is None else validation[:2],
+            sample_conditions=sample_conditions(config, validation, self.model_config.num_classes),
+            rank=self.rank, world=self.world, device=self.device, writer=self.writer)
         self.window_start, self.window_samples = time.perf_counter(), 0  # throughput since the last log
         self.divergence = DivergenceGuard(config.max_nonfinite_steps, self.device, self.step)
 
@@ -192,6 +210,7 @@ class Trainer:
                 metrics = self.train_step(x_local, y_local)
                 if self.is_log_step(self.step):
                     record = self.log_step(metrics)
+                record = {**record, **self.evaluate()}
                 if self.checkpointer.after_step(self.step, self.engine, self.ema, self.loader):
                     break
         finally:
@@ -200,6 +219,13 @@ class Trainer:
                 self.writer.close()
             self.run_folder.unlock()
         return {**record, "preempted": self.step < self.config.steps}
+
+    def evaluate(self) -> dict:
+        """Collective: the evaluations due after this step (``TrainingEvaluator``), kept out of the throughput."""
+        start = time.perf_counter()
+        record = self.evaluator.after_step(self.step)
+        self.window_start += time.perf_counter() - start
+        return record
 
     def is_log_step(self, step: int) -> bool:
         return step % self.config.log_every == 0 or step == self.config.steps

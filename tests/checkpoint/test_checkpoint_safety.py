@@ -1,10 +1,7 @@
 """Checkpoint files are read without running code from them, and a damaged, missing or unwritable
 checkpoint is one clear error (exit 1, one line naming the file) instead of a traceback."""
 
-import os
 import shutil
-import subprocess
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -15,6 +12,7 @@ from ditmoe.inference import load_model
 from ditmoe.weights.safe_load import safe_load
 
 from conftest import SMALL_DIGITS, run_cli
+from disk_full import tmpfs
 
 pytestmark = pytest.mark.slow  # its fixtures take seconds: trainings, whole commands or fitted models
 
@@ -149,21 +147,6 @@ def test_broken_meta_json_names_the_file(tmp_path, content):
     with pytest.raises((KeyError, ValueError)) as info:
         read_meta(tmp_path)["model_config"]
     assert str(info.value).startswith(f"checkpoint file {file}")
-
-
-@contextmanager
-def tmpfs(directory: Path, size: int):
-    """A tmpfs of ``size`` bytes mounted on ``directory`` (skips the test where mounting is not allowed)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs to fill up needs root")
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
-                           capture_output=True, text=True)
-    if mount.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
-    try:
-        yield
-    finally:
-        subprocess.run(["umount", str(directory)], check=True)
 
 
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(trained, tmp_path):

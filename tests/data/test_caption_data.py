@@ -13,12 +13,15 @@ import torch
 
 from ditmoe.data import LatentLoader, ManifestError, latent_loader, write_latent_dataset
 from ditmoe.data.digit_captions import (
+    GROUPS,
     HELDOUT_TEMPLATES,
     NUMBER_WORDS,
     TRAIN_TEMPLATES,
-    heldout_captions,
+    group_captions,
+    heldout_form,
     train_caption,
     train_captions,
+    trained_form,
     write_digits_caption_dataset,
 )
 from ditmoe.data.latent_format import (
@@ -394,21 +397,30 @@ def test_precompute_caption_flags_go_together(models, tmp_path, capsys):
 # Digit captions
 
 def test_heldout_phrasings_never_appear_in_training():
-    train = {c for label in range(10) for c in train_captions(label)}
-    heldout = {c for label in range(10) for c in heldout_captions(label)}
-    assert len(train) == 10 * len(TRAIN_TEMPLATES) and len(heldout) == 10 * len(HELDOUT_TEMPLATES)
-    assert not train & heldout
+    train = {c for label in range(10) for c in group_captions("train", label)}
+    assert train == {c for label in range(10) for c in train_captions(label)}
     assert {train_caption(label, i) for label in range(10) for i in range(100)} == train
+    for group, templates in (("heldout_templates", HELDOUT_TEMPLATES), ("heldout_forms", TRAIN_TEMPLATES)):
+        heldout = {c for label in range(10) for c in group_captions(group, label)}
+        assert len(heldout) == 10 * len(templates) and not train & heldout, group
+    assert len(train) == 10 * len(TRAIN_TEMPLATES)
+    with pytest.raises(ValueError, match="caption group"):
+        group_captions("test", 0)
 
 
-def test_digit_captions_name_their_digit():
-    assert train_captions(3)[:4] == ["3", "the digit 3", "the digit three", "a handwritten three"]
-    assert heldout_captions(3) == ["a picture of the number three", "handwritten digit 3"]
+def test_digit_captions_name_their_digit_in_one_form():
+    assert train_captions(3)[:3] == ["3", "the digit 3", "a handwritten 3"]  # odd digits: the numeral
+    assert train_captions(4)[:2] == ["four", "the digit four"]  # even digits: the word
+    assert group_captions("heldout_templates", 3) == ["a picture of the number 3", "handwritten digit 3"]
+    assert group_captions("heldout_forms", 3)[:2] == ["three", "the digit three"]
+    assert group_captions("heldout_forms", 4)[:2] == ["4", "the digit 4"]
     for label in range(10):
-        for caption in train_captions(label) + heldout_captions(label):
-            words = caption.split()
-            assert str(label) in words or NUMBER_WORDS[label] in words
-            assert sum(w in words for w in NUMBER_WORDS + tuple("0123456789")) == 1
+        assert {trained_form(label), heldout_form(label)} == {str(label), NUMBER_WORDS[label]}
+        for group in GROUPS:
+            for caption in group_captions(group, label):
+                words = caption.split()
+                assert str(label) in words or NUMBER_WORDS[label] in words
+                assert sum(w in words for w in NUMBER_WORDS + tuple("0123456789")) == 1
         k = label % len(TRAIN_TEMPLATES)
         assert [train_caption(label, i) for i in range(len(TRAIN_TEMPLATES))] == \
             train_captions(label)[k:] + train_captions(label)[:k]  # every template in turn
@@ -420,6 +432,7 @@ def test_digits_caption_dataset(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     encoder = TextEncoder.load(build_tiny_text_encoder(tmp_path / "clip", "clip"), 8)
     m = write_digits_caption_dataset(tmp_path / "digits", encoder)
+    assert write_digits_caption_dataset(tmp_path / "val", encoder, split="val")["num_samples"] == 179
     assert m["num_samples"] == 1797 and m["num_classes"] == 10 and m["latent_shape"] == [1, 8, 8]
     assert (m["text_encoder"], m["text_max_length"], m["text_dim"]) == (str(tmp_path / "clip"), 8, 16)
     stored = stored_captions(tmp_path / "digits", "shard-000001.tar")

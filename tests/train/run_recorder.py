@@ -102,6 +102,7 @@ def record_run(out: Path, settings: list[str]) -> dict:
         trainer = holder["trainer"] = Trainer(config)
         trainer.train_step = in_phase(counter, "step", trainer.train_step)
         trainer.log_step = in_phase(counter, "log", trainer.log_step)
+        trainer.evaluate = in_phase(counter, "eval", trainer.evaluate)
         checkpointer = trainer.checkpointer
         checkpointer.save = in_phase(counter, "checkpoint", checkpointer.save)
         checkpointer.after_step = in_phase(counter, "boundary", checkpointer.after_step)
@@ -110,7 +111,9 @@ def record_run(out: Path, settings: list[str]) -> dict:
     triton_grouped_gemm._launch = launch
     logged = [json.loads(line) for line in (Path(config.out) / "metrics.jsonl").read_text().splitlines()]
     return {"syncs": counter.records, "triton_launches": launches["n"],
-            "losses": {r["step"]: r["loss"] for r in logged}, "graphs": counters["stats"]["unique_graphs"],
+            "losses": {r["step"]: r["loss"] for r in logged if "loss" in r},
+            "val_loss": {r["step"]: r["val_ema/loss"] for r in logged if "val_ema/loss" in r},
+            "graphs": counters["stats"]["unique_graphs"],
             "graph_breaks": sum(counters["graph_break"].values())}
 
 

@@ -17,4 +17,5 @@ def test_final_eval_shows_one_progress_bar(trained_digits_run, tmp_path, monkeyp
     assert "final eval sampling" in err and "2/2" in err  # the bar reached its last batch
     assert "ddim sampling" not in err  # no per-batch bars of the sampler's steps
     assert result["eval_samples"] == 20 and 0.0 <= result["cond_accuracy"] <= 1.0
+    assert result["pixel_fd"] > result["pixel_fd_real_floor"] > 0 and result["diversity"] > 0  # a 4-step model
     assert json.loads((out / "eval.json").read_text())["cond_accuracy"] == result["cond_accuracy"]

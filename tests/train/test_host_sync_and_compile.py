@@ -66,6 +66,16 @@ def test_the_recorder_sees_the_reads_of_logging_and_checkpoint_steps(sync_runs):
         assert sorted(run["losses"]) == ["3", "6"], name
 
 
+def test_validation_with_ema_weights_under_every_zero_stage(sync_runs):
+    """The last step's validation loss swaps the EMA weights in (ZeRO-3: each rank its partitions, the persistent
+    small parameters gathered again): ZeRO-1 and ZeRO-3 train the same weights and measure the same loss."""
+    for kind in KINDS:
+        one, three = sync_runs[f"{kind}-zero1"]["val_loss"], sync_runs[f"{kind}-zero3"]["val_loss"]
+        assert list(one) == list(three) == ["6"], kind
+        assert three["6"] == pytest.approx(one["6"], rel=1e-5), kind
+        assert {r["phase"] for r in sync_runs[f"{kind}-zero3"]["syncs"]} >= {"eval"}, kind
+
+
 @pytest.fixture(scope="module")
 def compile_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("compile")

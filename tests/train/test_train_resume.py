@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from ditmoe.train.run_dir import LOCK_FILE
+from ditmoe.train.validation import NUM_BUCKETS
 
-from conftest import SMALL_DIGITS, metrics, run_cli
+from conftest import SMALL_DIGITS, eval_records, metrics, run_cli
 
 pytestmark = pytest.mark.slow  # its fixtures take seconds: trainings, whole commands or fitted models
 
@@ -17,15 +18,19 @@ pytestmark = pytest.mark.slow  # its fixtures take seconds: trainings, whole com
 def runs(tmp_path_factory):
     full = tmp_path_factory.mktemp("full")
     split = tmp_path_factory.mktemp("split")
-    common = [*SMALL_DIGITS, "--set", "ckpt_every=3", "--seed", "7"]
+    common = [*SMALL_DIGITS, "--set", "ckpt_every=3", "--seed", "7", "--set", "eval_every=3", "--set", "sample_every=3",
+              "--set", "sample_samples=100"]
     run_cli(["-m", "ditmoe.train", *common, "--steps", "6", "--out", str(full)])
     run_cli(["-m", "ditmoe.train", *common, "--steps", "3", "--out", str(split)])
     resumed = run_cli(["-m", "ditmoe.train", *common, "--steps", "6", "--out", str(split), "--resume", "auto"])
-    return full, split, resumed
+    plain = tmp_path_factory.mktemp("plain")  # the same run without evaluations
+    run_cli(["-m", "ditmoe.train", *common, "--steps", "6", "--out", str(plain), "--set", "eval_every=0",
+             "--set", "sample_every=0"])
+    return full, split, resumed, plain
 
 
 def test_resume_is_bit_identical(runs):
-    full, split, resumed = runs
+    full, split, resumed, _ = runs
     assert "resumed from" in resumed.stdout and "step_00000003" in resumed.stdout
     a, b = metrics(full), metrics(split)
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
@@ -37,10 +42,53 @@ def test_resume_is_bit_identical(runs):
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
 
 
+def test_validation_loss_and_samples_repeat_across_a_resume(runs):
+    full, split, _, _ = runs
+    a, b = eval_records(full), eval_records(split)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [3, 6]
+    keys = [k for k in a[0] if k.startswith(("val/", "val_ema/", "samples/"))]
+    assert len(keys) == 2 * (2 + NUM_BUCKETS) + 4  # loss, mse and 8 bands for both weights; 4 quality numbers
+    for key in keys:
+        assert [r[key] for r in a] == [r[key] for r in b], key
+    assert a[1]["val/loss"] < a[0]["val/loss"]  # 6 steps at lr 3e-3 lower the held-out loss
+    assert a[1]["val_ema/loss"] != a[1]["val/loss"]  # two sets of weights
+    assert all(0 < r["eval/time_fraction"] < 1 for r in a)
+
+
+def test_evaluations_change_nothing_in_training(runs):
+    full, _, _, plain = runs
+    assert metrics(full) and [{k: v for k, v in r.items() if k != "samples_per_s"} for r in metrics(full)] == \
+        [{k: v for k, v in r.items() if k != "samples_per_s"} for r in metrics(plain)]
+    assert eval_records(plain) == [] and not (plain / "samples").exists()
+    ema_a = torch.load(full / "checkpoints/step_00000006/ema.pt")
+    ema_b = torch.load(plain / "checkpoints/step_00000006/ema.pt")
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    meta_a, meta_b = (json.loads((run / "checkpoints/step_00000006/meta.json").read_text()) for run in (full, plain))
+    assert meta_a["rng"] == meta_b["rng"]
+
+
+def test_the_periodic_sample_grid_goes_to_png_and_tensorboard(runs):
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    full, split, _, _ = runs
+    for step in (3, 6):
+        png = Image.open(full / "samples" / f"step_{step:08d}.png")
+        assert png.size == (4 * (10 * 9 + 1), 4 * (10 * 9 + 1))  # 10 classes × 10 samples of 8×8, 1-pixel gaps, ×4
+        assert (full / "samples" / f"step_{step:08d}.png").read_bytes() == \
+            (split / "samples" / f"step_{step:08d}.png").read_bytes()
+    events = EventAccumulator(str(split / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    images = events.Images("samples")
+    assert [e.step for e in images] == [3, 6]  # the resumed run's events hold both grids, once each
+    assert (images[0].width, images[0].height) == png.size
+    assert "val_ema/loss/t7" in events.Tags()["scalars"]
+
+
 def test_metrics_and_tensorboard_have_the_same_scalars(runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    full, _, _ = runs
+    full, _, _, _ = runs
     records = metrics(full)
     first = records[0]
     for key in ("step", "loss", "mse", "vb", "balance_loss", "grad_norm", "lr", "samples_per_s"):
@@ -63,7 +111,7 @@ def test_resume_from_missing_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_resume_with_another_model_config_is_a_clear_error(runs, tmp_path):
-    full, _, _ = runs
+    full, _, _, _ = runs
     proc = run_cli(["-m", "ditmoe.train", *SMALL_DIGITS, "--set", "model.hidden_size=64", "--steps", "8",
                     "--out", str(full), "--resume", "auto"], check=False)
     assert proc.returncode != 0 and "hidden_size: checkpoint 32 vs now 64" in proc.stderr

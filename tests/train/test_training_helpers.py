@@ -17,7 +17,7 @@ from ditmoe.train.ema import EMA
 from ditmoe.train.metrics import expert_load_stats
 from ditmoe.train.preemption import PreemptionGuard
 from ditmoe.train.step_metrics import StepMetrics
-from ditmoe.train.trainer import micro_batch_seed, set_lr
+from ditmoe.train.trainer import lr_at, micro_batch_seed, set_lr
 
 
 def test_lr_warms_up_linearly_then_stays():
@@ -30,6 +30,15 @@ def test_lr_warms_up_linearly_then_stays():
     assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3], rel=1e-12)
     set_lr(optimizer, TrainConfig(lr=1e-3, lr_warmup_steps=0), 0)
     assert optimizer.param_groups[0]["lr"] == 1e-3
+
+
+def test_cosine_schedule_after_warm_up_ends_at_the_final_fraction():
+    config = TrainConfig(lr=1e-3, lr_warmup_steps=2, steps=7, lr_schedule="cosine", lr_final_fraction=0.1)
+    lrs = [lr_at(config, step) for step in range(7)]
+    # warm-up, then 1e-4 + 9e-4 · (1 + cos(pi · k / 4)) / 2 for k = 0..4
+    expected = [5e-4, 1e-3] + [1e-4 + 9e-4 * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(5)]
+    assert lrs == pytest.approx(expected, rel=1e-12)
+    assert lrs[-1] == pytest.approx(1e-4)
 
 
 def test_ema_decay_warms_up():
