@@ -15,7 +15,9 @@ weights through DeepSpeed's universal checkpoint for ZeRO-3/EP. The folder loads
 Text-conditioned models (EC-DiT) name their frozen text encoder in config.json
 (``text_encoder_name_or_path``, ``text_max_length``): the one the checkpoint records (its meta's
 ``text_encoder``, or ``text_encoder`` / ``text_max_length`` of its training config), unless
-``--text-encoder`` / ``--text-max-length`` are given; none when neither says.
+``--text-encoder`` / ``--text-max-length`` are given; none when neither says. The VAE a checkpoint records
+(its meta's ``vae``: the one its training data was encoded with) is named in config.json too
+(``vae_name_or_path``, ``vae_scaling_factor``), so that ``tools/sample.py`` decodes the folder's samples.
 """
 
 import argparse
@@ -118,7 +120,7 @@ def main(argv=None):
         encoder, max_length = text_encoder(args, model, meta)
         params = export(model, args.out, objective=objective, dtype=args.dtype, max_shard_size=args.max_shard_size,
                         source=f"{args.source}:{Path(args.ckpt).name}", text_encoder=encoder,
-                        text_max_length=max_length, overwrite=args.overwrite)
+                        text_max_length=max_length, vae=meta.get("vae"), overwrite=args.overwrite)
     print(f"wrote {args.out} ({args.dtype}, {objective}): {params['total'] / 1e6:.3f}M parameters total, "
           f"{params['activated'] / 1e6:.3f}M activated")
 

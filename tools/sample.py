@@ -2,16 +2,26 @@
 
     python tools/sample.py --ckpt runs/demo --out samples.npz --num-samples 1000 \\
         [--cfg-scale 1.5] [--sampler ddpm|ddim|dpm_solver++] [--steps 50] [--grid grid.png] [--seed 0]
-    python tools/sample.py --ckpt runs/demo-t2i --out t2i.npz --num-samples 16 --prompt "the digit 7" \
+    python tools/sample.py --ckpt runs/demo-t2i --out t2i.npz --num-samples 16 --prompt "the digit 7" \\
         [--prompt ...] [--prompts FILE] [--text-encoder PATH --text-max-length N]
+    python tools/sample.py --ckpt runs/imagenet --out samples.npz --num-samples 50000 \\
+        [--vae stabilityai/sd-vae-ft-ema --scaling-factor 0.18215]
     torchrun --nproc_per_node 8 tools/sample.py --ckpt runs/demo --out samples.npz --num-samples 50000 ...
 
 Writes ``arr_0`` (N, H, W, C) uint8 images and ``arr_1`` (N,) int64 class labels (classes cycle
 0..K-1). Text-conditioned models (EC-DiT) take ``--prompt TEXT`` (repeatable) and/or ``--prompts FILE``;
 samples cycle through the prompts, ``arr_1`` holds each sample's prompt index and ``prompts`` the prompts;
 classifier-free guidance (``--cfg-scale``) is against the model's learned null caption; the grid has one
-row per prompt, the prompt written beside it. Uses EMA weights unless ``--weights model``. The models of
-the embedded digits demos work directly in pixel space, so their samples are the images.
+row per prompt, the prompt written beside it. Uses EMA weights unless ``--weights model``.
+
+Models of VAE latents: each batch of latents is decoded into (H, W, 3) images before it is written, with the
+VAE the training data was encoded with, as the checkpoint records it (its meta's ``vae``; an exported folder's
+config.json ``vae_name_or_path``), divided by its ``scaling_factor`` first. ``--vae PATH_OR_ID`` (a diffusers
+AutoencoderKL folder or hub id in the local cache) supplies one for a checkpoint without the record or
+overrides it; ``--scaling-factor F`` sets the scale (default: the recorded one, else the VAE config's). A
+latent model with no VAE recorded or given is an error (exit 1). The models of the embedded digits demos work
+directly in pixel space (``vae`` "identity"), so their samples are the images; ``--vae identity`` writes any
+model's samples as they are, as uint8.
 
 Samples come in batches of ``--batch-size``; batch b starts from noise seeded by ``--seed`` + b. Under
 torchrun (or srun) each rank samples a contiguous share of the batches on ``cuda:LOCAL_RANK`` (or the CPU) into
@@ -56,6 +66,13 @@ def build_parser():
                    help="text encoder for the prompts: a registered name such as minilm, hub id or directory "
                         "(default: the one the checkpoint's data was embedded with)")
     p.add_argument("--text-max-length", action=Positive, help="caption tokens (default: the checkpoint's)")
+    p.add_argument("--vae", metavar="PATH_OR_ID",
+                   help="decode the sampled latents with this diffusers AutoencoderKL (folder or hub id) before "
+                        "writing them (default: the VAE the checkpoint's data was encoded with; 'identity': write "
+                        "the samples as they are)")
+    p.add_argument("--scaling-factor", type=float, action=Positive, metavar="F",
+                   help="the latents are divided by F before decoding (default: the checkpoint's record for its VAE, "
+                        "else the VAE config's scaling_factor)")
     p.add_argument("--capacity-threshold", type=float, metavar="P",
                    help="models with a capacity predictor: an expert takes a token when the predicted probability "
                         "exceeds P (default: the model's capacity_threshold; higher: less compute)")
@@ -72,6 +89,10 @@ def parse_args(argv=None) -> SampleSettings:
         p.error(f"--out {args.out} must end in .npz")
     if not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
         p.error(f"--cfg-scale must be a number >= 0 (1: no guidance), got {args.cfg_scale}")
+    if args.scaling_factor is not None and not math.isfinite(args.scaling_factor):
+        p.error(f"--scaling-factor must be a finite number > 0, got {args.scaling_factor}")
+    if args.vae is not None and not args.vae.strip():
+        p.error("--vae must name a VAE folder or hub id (or 'identity')")
     threshold = args.capacity_threshold
     if threshold is not None and not (math.isfinite(threshold) and 0 <= threshold <= 1):
         p.error(f"--capacity-threshold must be between 0 and 1, got {threshold}")

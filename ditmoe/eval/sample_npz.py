@@ -1,5 +1,9 @@
 """Sample a checkpoint into an ADM-format npz on one process or many (an initialised process group).
 
+The npz holds images: a model of VAE latents has its samples decoded by the VAE its data was encoded with (the
+checkpoint's record, ``vae`` of its meta, or ``SampleSettings.vae``) before they are written, on each rank for
+its own share; the models of the embedded digits (``vae`` "identity") sample their images directly.
+
 Samples come in batches of ``batch_size``; batch b starts from noise seeded by ``seed + b``. Each rank
 samples a contiguous share of the batches into ``<out>.rank<R>-of-<W>.npy``; rank 0 streams the parts into
 the npz and removes them. The npz is the same for any number of ranks (same seed, batch size and kind of
@@ -9,6 +13,7 @@ error naming the file (``no space left on MOUNT writing PATH``) and leaves no pa
 part, rank 0 the temporary npz and grid and every part; an earlier npz or grid of the same name stays as it was.
 """
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +29,13 @@ from ..model.moe import set_capacity_threshold
 from ..npz import NpzWriter, write_npy_header
 from ..sampling import balanced_labels, generate, num_batches, rank_batches, to_uint8_images
 from ..write_errors import remove, staged_file, writing
+from .adm_evaluator import float32_matmuls
 from .grid import save_grid
+from .latent_quality import IDENTITY_VAE, decode_latents
 from .prompts import load_text_encoder, prompt_captions, read_prompts, save_prompt_grid
 
 COPY_ROWS = 256  # images per read while rank 0 copies the parts into the npz
+DECODE_ROWS = 32  # latents per VAE decode
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,8 @@ class SampleSettings:
     text_max_length: int | None = None
     capacity_threshold: float | None = None  # models with a capacity predictor: its sampling-time threshold
     expert_gemm: str = "auto"  # the experts' grouped GEMMs: auto | torch | triton (ditmoe.model.grouped_gemm)
+    vae: str | None = None  # decodes the latents: a VAE folder, hub id or "identity" (default: the recorded one)
+    scaling_factor: float | None = None  # the latents' scale (default: the recorded one, else the VAE's own)
 
 
 def load_in_turn(settings: SampleSettings, rank: int, device: torch.device):
@@ -65,18 +75,80 @@ def load_in_turn(settings: SampleSettings, rank: int, device: torch.device):
     return loaded
 
 
+def recorded_vae(meta: dict) -> dict | None:
+    """``{"name", "scaling_factor"}`` of the VAE the checkpoint's data was encoded with, if recorded (not in
+    checkpoints written before the record, nor in exported folders that name none)."""
+    recorded = meta.get("vae")
+    return dict(recorded) if isinstance(recorded, dict) and recorded.get("name") else None
+
+
+@dataclass(frozen=True)
+class ImageDecoder:
+    """Sampled latents ``(n, C, h, w)`` -> ``(n, H, W, C')`` uint8 images: ``vae.decode(latents / scaling_factor)``
+    (C' = 3; ``DECODE_ROWS`` at a time on the VAE's device, float32 without TF32), or without a VAE the latents
+    themselves (the embedded digits' pixels, C' = C)."""
+
+    vae: object | None  # a diffusers AutoencoderKL, or None: the identity
+    scaling_factor: float = 1.0
+
+    def __call__(self, latents: torch.Tensor) -> np.ndarray:
+        if self.vae is None:
+            return to_uint8_images(latents / self.scaling_factor).numpy()
+        with float32_matmuls():  # no TF32, as the training-time decoding (LatentQuality) and the evaluator
+            return torch.cat([decode_latents(self.vae, chunk, self.scaling_factor)
+                              for chunk in latents.split(DECODE_ROWS)]).numpy()
+
+
+def image_decoder(meta: dict, in_channels: int, vae: str | None, scaling_factor: float | None,
+                  device: torch.device) -> ImageDecoder:
+    """The decoder of a model sampling ``in_channels`` channels: ``vae`` (``--vae``) or the one ``meta`` records;
+    with neither, the identity for models of 1 or 3 channels (images) and a ValueError naming ``--vae`` for
+    latent models. The scaling factor is ``scaling_factor``, else the recorded one when the recorded VAE is used,
+    else the VAE's own ``config.scaling_factor`` (what tools/precompute_latents.py records)."""
+    recorded = recorded_vae(meta) or {}
+    name = vae or recorded.get("name")
+    if not name:
+        if in_channels not in (1, 3):
+            raise ValueError(f"the checkpoint records no VAE and its model samples {in_channels}-channel latents, "
+                             "not images: pass --vae PATH_OR_ID, the VAE its data was encoded with (and "
+                             "--scaling-factor F if the data's differs from the VAE config's scaling_factor), or "
+                             f"--vae {IDENTITY_VAE} to write the latents as they are")
+        name = IDENTITY_VAE
+    if scaling_factor is None and name == recorded.get("name"):
+        scaling_factor = recorded.get("scaling_factor")
+    if name == IDENTITY_VAE:
+        return ImageDecoder(None, _scaling(scaling_factor or 1.0, name))
+    from ..data.vae_encode import load_vae  # imports diffusers: only for latent models
+
+    with torch.random.fork_rng(devices=[]):  # the weights are initialised randomly before they are loaded
+        model = load_vae(name, device, source="--vae" if vae else "the checkpoint's vae (override it with --vae)")
+    if model.config.latent_channels != in_channels:
+        raise ValueError(f"vae {name!r} decodes {model.config.latent_channels}-channel latents, the model samples "
+                         f"{in_channels} channels: pass the VAE its data was encoded with (--vae PATH_OR_ID)")
+    return ImageDecoder(model, _scaling(scaling_factor or model.config.scaling_factor, name))
+
+
+def _scaling(value, name: str) -> float:
+    """``value``, a positive finite scaling factor (of the latents of vae ``name``), as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"the scaling factor of vae {name!r} must be a positive number, got {value!r}")
+    return float(value)
+
+
 def part_path(out: Path, rank: int, world: int) -> Path:
     """Where rank ``rank`` of ``world`` writes its images, next to ``out``."""
     return out.with_name(f"{out.name}.rank{rank:05d}-of-{world:05d}.npy")
 
 
-def sample_batches(model, objective, labels: Condition, batches: range, settings: SampleSettings, progress: bool):
-    """The uint8 images (n, H, W, C) of each of the global ``batches``, one batch at a time."""
+def sample_batches(model, objective, labels: Condition, batches: range, settings: SampleSettings,
+                   decode: ImageDecoder, progress: bool):
+    """The uint8 images (n, H, W, C) of each of the global ``batches`` (latents turned into images by ``decode``),
+    one batch at a time."""
     for b in batches:
         latents = generate(model, objective, labels, cfg_scale=settings.cfg_scale, sampler=settings.sampler,
                            steps=settings.steps, batch_size=settings.batch_size, seed=settings.seed,
                            guide_channels=settings.guide_channels, progress=progress, batches=[b])
-        yield to_uint8_images(latents).numpy()
+        yield decode(latents)
 
 
 def write_part(part: Path, images, count: int):
@@ -155,10 +227,11 @@ def sample_to_npz(settings: SampleSettings, rank: int, world: int, device: torch
         if settings.grid and settings.num_samples < k:
             raise ValueError(f"--grid needs at least {k} samples (one per class)")
         conditions = labels = balanced_labels(settings.num_samples, k)
+    decode = image_decoder(meta, model.config.in_channels, settings.vae, settings.scaling_factor, device)
     out.parent.mkdir(parents=True, exist_ok=True)
     if batches:  # with more ranks than batches, the last ones have none
         count = len(labels[batches.start * settings.batch_size:batches.stop * settings.batch_size])
-        images = sample_batches(model, objective, conditions, batches, settings, progress=rank == 0)
+        images = sample_batches(model, objective, conditions, batches, settings, decode, progress=rank == 0)
         write_part(part_path(out, rank, world), images, count)
     dist.barrier()
     if rank > 0:

@@ -3,7 +3,13 @@ with the derived widths written out so that config.json alone describes the netw
 
 Text-conditioned models (``text_dim > 0``) also name the frozen text encoder their captions come from:
 ``text_encoder_name_or_path`` (hub id or path, None when unknown) and ``text_max_length`` (tokens each
-prompt is padded or truncated to; ``text_len`` when not given). The encoder is not part of the weights."""
+prompt is padded or truncated to; ``text_len`` when not given). The encoder is not part of the weights.
+
+Models of VAE latents may name the VAE their training data was encoded with: ``vae_name_or_path`` (hub id or
+path of a diffusers ``AutoencoderKL``, "identity" for models of pixels; None when unknown) and
+``vae_scaling_factor`` (the latents are the VAE's latents times this). The VAE is not part of the weights."""
+
+import math
 
 from transformers import PretrainedConfig
 
@@ -17,7 +23,8 @@ class DiTMoEConfig(PretrainedConfig):
     model_type = "ditmoe"
 
     def __init__(self, expert_hidden_size: int | None = None, shared_expert_hidden_size: int | None = None,
-                 text_encoder_name_or_path: str | None = None, text_max_length: int | None = None, **kwargs):
+                 text_encoder_name_or_path: str | None = None, text_max_length: int | None = None,
+                 vae_name_or_path: str | None = None, vae_scaling_factor: float | None = None, **kwargs):
         arch = {name: kwargs.pop(RENAMED.get(name, name)) for name in DiTConfig.__dataclass_fields__
                 if RENAMED.get(name, name) in kwargs}
         super().__init__(**kwargs)
@@ -33,6 +40,7 @@ class DiTMoEConfig(PretrainedConfig):
             setattr(self, name, derived[name])
         self.text_encoder_name_or_path, self.text_max_length = _text_encoder(dit, text_encoder_name_or_path,
                                                                              text_max_length)
+        self.vae_name_or_path, self.vae_scaling_factor = _vae(vae_name_or_path, vae_scaling_factor)
 
     @classmethod
     def from_dit_config(cls, config: DiTConfig, **kwargs) -> "DiTMoEConfig":
@@ -59,3 +67,16 @@ def _text_encoder(dit: DiTConfig, name, max_length) -> tuple[str | None, int | N
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
         raise ValueError(f"config text_max_length must be a positive integer, got {max_length!r}")
     return name, max_length
+
+
+def _vae(name, scaling_factor) -> tuple[str | None, float | None]:
+    """(vae_name_or_path, vae_scaling_factor) checked: a non-empty name and a positive finite factor, both or
+    neither."""
+    if name is None and scaling_factor is None:
+        return None, None
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"config vae_name_or_path must be a non-empty string, got {name!r}")
+    if isinstance(scaling_factor, bool) or not isinstance(scaling_factor, (int, float)) \
+            or not (math.isfinite(scaling_factor) and scaling_factor > 0):
+        raise ValueError(f"config vae_scaling_factor of vae {name!r} must be a positive number, got {scaling_factor!r}")
+    return name, float(scaling_factor)

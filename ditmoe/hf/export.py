@@ -78,19 +78,22 @@ def staged_folder(out: Path, overwrite: bool = False):
 
 def export(model: DiT, out: str | Path, *, objective: str, dtype: str = "fp32", max_shard_size: str = "5GB",
            source: str = "", text_encoder: str | None = None, text_max_length: int | None = None,
-           overwrite: bool = False) -> dict:
+           vae: dict | None = None, overwrite: bool = False) -> dict:
     """Save ``model`` into the folder ``out`` (a non-empty one only with ``overwrite``: replaced as a whole);
     returns the parameter counts. ``source`` is named in the card.
 
     Text-conditioned models: ``text_encoder`` (hub id or path of the frozen encoder the captions come from)
     and ``text_max_length`` (its tokens per prompt, default the model's ``text_len``) are recorded in
-    config.json as ``text_encoder_name_or_path`` and ``text_max_length``; both optional. Everything is
-    checked before anything is written."""
+    config.json as ``text_encoder_name_or_path`` and ``text_max_length``; both optional. ``vae`` (a checkpoint's
+    ``{"name", "scaling_factor"}``: the VAE its data was encoded with, which decodes the samples) is recorded as
+    ``vae_name_or_path`` and ``vae_scaling_factor``; optional. Everything is checked before anything is written."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
     shard_bytes = shard_size_bytes(max_shard_size)  # before anything is written
     config = DiTMoEConfig.from_dit_config(model.config, auto_map=AUTO_MAP, text_encoder_name_or_path=text_encoder,
-                                          text_max_length=text_max_length)
+                                          text_max_length=text_max_length,
+                                          vae_name_or_path=(vae or {}).get("name"),
+                                          vae_scaling_factor=(vae or {}).get("scaling_factor"))
     schedule = diffusion_config(objective, model.config.learn_sigma)
     hf_model = DiTMoEModel(config)
     hf_model.load_state_dict(hf.from_ditmoe(model.state_dict()))
@@ -131,6 +134,15 @@ def _attention(dit) -> str:
     if dit.kv_heads != dit.num_heads:
         heads += f" ({dit.kv_heads} key/value heads: grouped-query attention)"
     return heads
+
+
+def _vae_row(config: DiTMoEConfig) -> str:
+    if not config.vae_name_or_path:
+        return ""
+    if config.vae_name_or_path == "identity":
+        return "| VAE | none: the model works on the pixels |\n"
+    return (f"| VAE | `{config.vae_name_or_path}` (not in these weights): decode `latents / "
+            f"{config.vae_scaling_factor}` |\n")
 
 
 def _text_rows(config: DiTMoEConfig) -> str:
@@ -183,10 +195,16 @@ Exported by ditmoe{f' from `{source}`' if source else ''}. Weights in {dtype}.
 | parameters | {params['total'] / 1e6:.2f} M total, {params['activated'] / 1e6:.2f} M activated per token{excluded} |
 | input | {inputs} |
 | transformer | depth {dit.depth}, width {dit.hidden_size}, {_attention(dit)}, q/k norm {dit.qk_norm} |
-{_text_rows(config)}{_moe_rows(config)}{objective}
+{_vae_row(config)}{_text_rows(config)}{_moe_rows(config)}{objective}
 
 {_load_section(config, schedule)}
 """
+
+
+def _vae_flags(config: DiTMoEConfig) -> str:
+    """What sampling needs to be told of the VAE: nothing when recorded or for images, else ``--vae``."""
+    dit = config.to_dit_config()
+    return "" if config.vae_name_or_path or dit.in_channels in (1, 3) else " --vae VAE --scaling-factor F"
 
 
 def _load_section(config: DiTMoEConfig, schedule: dict) -> str:
@@ -210,7 +228,7 @@ out = model(x, {t}, torch.tensor([0]))  # {shape}
 ## Sample
 
 With ditmoe installed: `python tools/sample.py --ckpt THIS_FOLDER --out samples.npz --num-samples 100
---cfg-scale 1.5 {sampler}` (ADM npz of images/latents; the label index {dit.num_classes} is the
+--cfg-scale 1.5 {sampler}{_vae_flags(config)}` (ADM npz of images; the label index {dit.num_classes} is the
 unconditional class used by classifier-free guidance)."""
     name, length = config.text_encoder_name_or_path, config.text_max_length
     encoder = f'"{name}"' if name else '"TEXT_ENCODER"'
@@ -243,5 +261,5 @@ caption of a prompt.
 ## Sample
 
 With ditmoe installed: `python tools/sample.py --ckpt THIS_FOLDER --out samples.npz --num-samples 16
---prompt "a prompt" --cfg-scale {cfg} {sampler}{flags}` (ADM npz of images/latents with the prompts;
+--prompt "a prompt" --cfg-scale {cfg} {sampler}{flags}{_vae_flags(config)}` (ADM npz of images with the prompts;
 {guidance})."""

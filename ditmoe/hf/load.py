@@ -16,7 +16,8 @@ SCHEDULER_FILE = "scheduler_config.json"
 def load_hf_folder(path: str | Path) -> tuple[DiT, dict]:
     """(model in eval mode, meta with the model config and the objective) of an exported folder. A text model's
     recorded text encoder is ``meta["text_encoder"] = {"name", "max_length"}`` (what sampling reads) and
-    ``meta["train_config"]["text_encoder"]``, ``["text_max_length"]``; absent when the folder names none."""
+    ``meta["train_config"]["text_encoder"]``, ``["text_max_length"]``; absent when the folder names none. The
+    recorded VAE is ``meta["vae"] = {"name", "scaling_factor"}``, absent when the folder names none."""
     path = Path(path)
     config = DiTMoEConfig.from_json_file(path / "config.json")
     index = path / "model.safetensors.index.json"
@@ -43,4 +44,6 @@ def load_hf_folder(path: str | Path) -> tuple[DiT, dict]:
         meta["text_encoder"] = {"name": config.text_encoder_name_or_path, "max_length": config.text_max_length}
         meta["train_config"].update(text_encoder=config.text_encoder_name_or_path,
                                     text_max_length=config.text_max_length)
+    if config.vae_name_or_path:
+        meta["vae"] = {"name": config.vae_name_or_path, "scaling_factor": config.vae_scaling_factor}
     return model.eval(), meta

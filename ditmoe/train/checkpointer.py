@@ -15,10 +15,12 @@ from .preemption import PreemptionGuard
 class Checkpointer:
     def __init__(self, config: TrainConfig, ckpt_root: Path, *, rank: int, world_size: int, zero_stage: int,
                  guard: PreemptionGuard | None = None, verify: Callable[[], None] | None = None,
-                 text_encoder: dict | None = None):
+                 text_encoder: dict | None = None, vae: dict | None = None):
         """``verify()`` runs before every save and raises if the state must not be saved (non-finite losses);
-        ``text_encoder`` ({"name", "max_length"}: what the captions were embedded with) goes into every meta."""
+        ``text_encoder`` ({"name", "max_length"}: what the captions were embedded with) and ``vae``
+        ({"name", "scaling_factor"}: the data's VAE, which decodes samples into images) go into every meta."""
         self.text_encoder = text_encoder
+        self.vae = vae
         self.config = config
         self.verify = verify
         self.ckpt_root = ckpt_root
@@ -56,5 +58,5 @@ class Checkpointer:
             "model_config": self.config.model_config().to_dict(), "train_config": self.config.to_dict(),
             "data": data_state, "rng": torch.get_rng_state().tolist(), "world_size": self.world_size,
             "zero_stage": self.zero_stage, "step": step, "tag": checkpoint.tag_for_step(step), "ema_shards": ema_shards,
-            "text_encoder": self.text_encoder,
+            "text_encoder": self.text_encoder, "vae": self.vae,
         }

@@ -49,16 +49,21 @@ def _cast(y: Condition, dtype: torch.dtype) -> Condition:
 
 class TrainingEvaluator:
     def __init__(self, config: TrainConfig, engine, ema, objective, dtype: torch.dtype, *, validation_set,
-                 sample_conditions, rank: int, world: int, device, writer):
+                 sample_conditions, rank: int, world: int, device, writer, manifest: dict):
         """``validation_set``: held-out ``(x, y)`` or None; ``sample_conditions``: ``(conditions, labels)`` of the
         periodic samples (labels: the digit each shows, or None when not digits); ``writer``: rank 0's
-        MetricsWriter (None elsewhere)."""
+        MetricsWriter (None elsewhere); ``manifest``: the training data's (its VAE decodes latent samples)."""
         self.config, self.engine, self.ema, self.objective, self.dtype = config, engine, ema, objective, dtype
         self.rank, self.world, self.device, self.writer = rank, world, device, writer
         self.validation = None if validation_set is None or not config.eval_every else ValidationLoss(
             *validation_set, objective, seed=config.seed, batch_size=config.val_batch_size, rank=rank, world=world,
             device=device)
         self.sample_conditions = sample_conditions if config.sample_every else None
+        self.latent_quality = None  # rank 0, latent data: decoding (and FID against eval_ref)
+        if self.sample_conditions is not None and self.sample_conditions[1] is None and rank == 0:
+            from ..eval.latent_quality import LatentQuality
+
+            self.latent_quality = LatentQuality(manifest, config.eval_ref, device)
         self.started, self.seconds = time.perf_counter(), 0.0
 
     def after_step(self, step: int) -> dict:
@@ -108,12 +113,24 @@ class TrainingEvaluator:
             latents = self._generate(conditions)
         if self.rank != 0:
             return {}
-        record = {}
         if labels is not None:  # the embedded digits: a grid of GRID_PER_ROW samples per class, and quality
             pixels = latents_to_pixels(latents)
-            record = {f"samples/{key}": value for key, value in digits_quality(pixels, labels).items()}
-            self._write_grid(step, pixels, labels)
-        return record
+            self._write_grid(step, self._class_rows(pixels, labels))
+            return {f"samples/{key}": value for key, value in digits_quality(pixels, labels).items()}
+        images = self.latent_quality.decode(latents)  # (N, H, W, 3) uint8
+        rows = min(GRID_PER_ROW, len(images) // GRID_PER_ROW)
+        if rows:
+            self._write_grid(step, images[:rows * GRID_PER_ROW], rows)
+        return {f"samples/{key}": value for key, value in self.latent_quality.quality(images).items()}
+
+    @staticmethod
+    def _class_rows(pixels: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, int] | None:
+        """Digits (N, 8, 8) in [0, 16] as uint8 images, GRID_PER_ROW per class in class order, and the rows."""
+        classes = np.unique(labels)
+        rows = [pixels[labels == c][:GRID_PER_ROW] for c in classes]
+        if any(len(row) < GRID_PER_ROW for row in rows):
+            return None
+        return np.round(np.concatenate(rows) / 16 * 255).astype(np.uint8), len(classes)
 
     def _generate(self, conditions: Condition) -> torch.Tensor:
         """Collective: latents for ``conditions``; batch b on rank b mod W (every rank runs as many batches),
@@ -135,30 +152,33 @@ class TrainingEvaluator:
                 out[b * SAMPLE_BATCH: b * SAMPLE_BATCH + len(latents)] = latents.to(self.device)
         return all_reduce(out).cpu()
 
-    def _write_grid(self, step: int, pixels: np.ndarray, labels: np.ndarray):
-        """``OUT/samples/step_N.png`` and a TensorBoard image: one row per class."""
-        classes = np.unique(labels)
-        rows = [pixels[labels == c][:GRID_PER_ROW] for c in classes]
-        if any(len(row) < GRID_PER_ROW for row in rows):
+    def _write_grid(self, step: int, images: np.ndarray | None, rows: int | None = None):
+        """``OUT/samples/step_N.png`` and a TensorBoard image of uint8 ``images`` (N, H, W[, C]) in ``rows`` rows
+        (``images`` may be the pair ``_class_rows`` returns; None writes nothing)."""
+        if images is None:
             return
-        grid = np.round(np.concatenate(rows) / 16 * 255).astype(np.uint8)
+        if rows is None:
+            images, rows = images
         path = Path(self.config.out) / "samples" / f"step_{step:08d}.png"
         path.parent.mkdir(exist_ok=True)
         with staged_file(path) as tmp:
-            save_grid(grid, rows=len(classes), path=tmp)
+            save_grid(images, rows=rows, path=tmp)
         self.writer.add_image("samples", path, step)
 
 
-def sample_conditions(config: TrainConfig, validation_set, num_classes: int):
-    """The periodic samples' conditions and digit labels: classes in equal blocks for class-conditional digits;
-    for the text digits the held-out set's captions (training phrasings of held-out images), cycled."""
+def sample_conditions(config: TrainConfig, validation_set, num_classes: int, has_captions: bool):
+    """The periodic samples' conditions and their digit labels (None unless the embedded digits): classes in equal
+    blocks for class-conditional data; for captioned data the held-out set's captions, cycled (grouped by digit
+    on the text digits); None when captioned data has no held-out set."""
     n = config.sample_samples
-    if config.data == "digits":
-        labels = np.arange(num_classes).repeat(n // num_classes)
-        return torch.from_numpy(labels), labels
-    if config.data == "digits-t2i" and validation_set is not None:
-        captions, digit_labels = validation_set[1], validation_set[2]
-        index = torch.arange(n) % batch_size(captions)
-        order = torch.argsort(digit_labels[index], stable=True)  # grouped by digit for the grid
-        return index_condition(captions, index[order]), digit_labels[index[order]].numpy()
-    return None
+    if not has_captions:
+        labels = np.arange(num_classes).repeat(max(1, n // num_classes))[:n] if n >= num_classes else np.arange(n)
+        return torch.from_numpy(labels), labels if config.data == "digits" else None
+    if validation_set is None:
+        return None
+    captions, label_of = validation_set[1], validation_set[2]
+    index = torch.arange(n) % batch_size(captions)
+    if config.data != "digits-t2i":
+        return index_condition(captions, index), None
+    order = torch.argsort(label_of[index], stable=True)  # grouped by digit for the grid
+    return index_condition(captions, index[order]), label_of[index[order]].numpy()

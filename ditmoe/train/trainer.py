@@ -143,13 +143,16 @@ class Trainer:
         self.writer = MetricsWriter(self.out, config.tensorboard, resume_step=self.step) if self.is_rank0 else None
         self.checkpointer = Checkpointer(config, self.run_folder.ckpt_root, rank=self.rank, world_size=self.world,
                                          zero_stage=self.zero_stage, guard=PreemptionGuard(),
-                                         verify=self.check_saveable, text_encoder=self.loader_text_encoder())
+                                         verify=self.check_saveable, text_encoder=self.loader_text_encoder(),
+                                         vae={"name": self.loader.manifest["vae"],
+                                              "scaling_factor": self.loader.manifest["scaling_factor"]})
         validation = validation_set(config, self.model_config)
         self.evaluator = TrainingEvaluator(
             config, self.engine, self.ema, self.objective, self.dtype,
             validation_set=None if validation is None else validation[:2],
-            sample_conditions=sample_conditions(config, validation, self.model_config.num_classes),
-            rank=self.rank, world=self.world, device=self.device, writer=self.writer)
+            sample_conditions=sample_conditions(config, validation, self.model_config.num_classes,
+                                                self.loader.has_captions),
+            rank=self.rank, world=self.world, device=self.device, writer=self.writer, manifest=self.loader.manifest)
         self.window_start, self.window_samples = time.perf_counter(), 0  # throughput since the last log
         self.divergence = DivergenceGuard(config.max_nonfinite_steps, self.device, self.step)
 

@@ -2,6 +2,7 @@
 two exports (a stale model.safetensors beside a new shard index), nothing left behind by a failed export."""
 
 import hashlib
+import json
 import re
 
 import pytest
@@ -90,3 +91,32 @@ def test_the_converter_refuses_to_export_over_its_checkpoint(tmp_path, capsys):
     assert exit_info.value.code == f"error: --out {run} holds the checkpoint --ckpt {run / 'checkpoints'}: " \
                                    "export to another folder"
     assert (run / "checkpoints").is_dir()
+
+
+def test_the_vae_is_recorded_in_config_json_and_read_back(tmp_path):
+    """The VAE that decodes the samples (a checkpoint's meta ``vae``) goes into config.json and back into the meta
+    ``tools/sample.py`` reads; a folder without it records null and loads without it."""
+    export(tiny_model(0), tmp_path / "a", objective="ddpm", vae={"name": "org/sd-vae", "scaling_factor": 0.18215})
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert (config["vae_name_or_path"], config["vae_scaling_factor"]) == ("org/sd-vae", 0.18215)
+    assert load_hf_folder(tmp_path / "a")[1]["vae"] == {"name": "org/sd-vae", "scaling_factor": 0.18215}
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert "| VAE | `org/sd-vae` (not in these weights): decode `latents / 0.18215` |" in card
+    assert "--vae VAE" not in card
+    export(tiny_model(0), tmp_path / "b", objective="ddpm")
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert config["vae_name_or_path"] is None and config["vae_scaling_factor"] is None
+    assert "vae" not in load_hf_folder(tmp_path / "b")[1]
+    assert "--vae VAE --scaling-factor F" in (tmp_path / "b" / "README.md").read_text()  # 4 channels: latents
+
+
+@pytest.mark.parametrize("vae, message", [
+    ({"name": " ", "scaling_factor": 0.5}, "config vae_name_or_path must be a non-empty string, got ' '"),
+    ({"scaling_factor": 0.5}, "config vae_name_or_path must be a non-empty string, got None"),
+    ({"name": "org/sd-vae"}, "config vae_scaling_factor of vae 'org/sd-vae' must be a positive number, got None"),
+    ({"name": "org/sd-vae", "scaling_factor": float("nan")}, "must be a positive number, got nan"),
+])
+def test_a_bad_vae_record_writes_nothing(tmp_path, vae, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        export(tiny_model(0), tmp_path / "o", objective="ddpm", vae=vae)
+    assert not (tmp_path / "o").exists()

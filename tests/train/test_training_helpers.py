@@ -159,8 +159,12 @@ def test_checkpoint_meta():
     config = TrainConfig(steps=7, ckpt_every=3)
     meta = Checkpointer(config, None, rank=0, world_size=4, zero_stage=3).meta(6, {"epoch": 1}, ema_shards=4)
     assert list(meta) == ["model_config", "train_config", "data", "rng", "world_size", "zero_stage", "step", "tag",
-                          "ema_shards", "text_encoder"]
+                          "ema_shards", "text_encoder", "vae"]
     assert meta["text_encoder"] is None  # class labels: no text encoder to record
+    assert meta["vae"] is None  # none given (the trainer gives its data's)
+    vae = {"name": "stabilityai/sd-vae-ft-ema", "scaling_factor": 0.18215}
+    with_vae = Checkpointer(config, None, rank=0, world_size=1, zero_stage=0, vae=vae)
+    assert with_vae.meta(1, {}, ema_shards=0)["vae"] == vae
     assert meta["tag"] == "step_00000006" and meta["data"] == {"epoch": 1} and meta["world_size"] == 4
     assert meta["model_config"] == config.model_config().to_dict() and meta["train_config"]["ckpt_every"] == 3
     assert torch.equal(torch.tensor(meta["rng"], dtype=torch.uint8), torch.get_rng_state())
