@@ -29,7 +29,7 @@ TORCHRUN_FLAGS = {"--standalone", "--no-python", "--no_python", "--run-path", "-
 SMALL_DIGITS = [
     "--preset", "demo", "--global-batch-size", "16",
     "--set", "model.hidden_size=32", "--set", "model.depth=2", "--set", "model.num_heads=2",
-    "--set", "log_every=1", "--set", "eval_samples=0", "--set", "eval_every=0",
+    "--set", "log_every=1", "--set", "eval_samples=0", "--set", "eval_every=0", "--set", "sample_every=0",
 ]
 
 

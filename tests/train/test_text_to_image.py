@@ -11,7 +11,7 @@ from ditmoe.diffusion import ClassifierFreeGuidance
 from ditmoe.model import DiT, get_preset
 from ditmoe.model.conditioning import Caption
 
-from conftest import free_port, metrics, run_cli
+from conftest import eval_records, free_port, metrics, run_cli
 
 pytestmark = pytest.mark.slow  # its fixtures take seconds: trainings, whole commands or fitted models
 
@@ -138,3 +138,22 @@ def test_an_ec_dit_preset_without_learned_sigma_trains_and_samples_with_ddpm(tmp
     proc = run_cli(["tools/sample.py", "--ckpt", str(out), "--out", str(tmp_path / "s.npz"), "--num-samples", "2",
                     "--prompt", "the digit 4", "--sampler", "ddim", "--steps", "3"], env=ENV)
     assert "wrote 2 samples" in proc.stdout
+
+
+def test_the_minilm_digits_demo_embeds_its_captions_with_the_pretrained_encoder(tmp_path):
+    """demo-t2i-minilm, tiny: the digits' captions go through the verified MiniLM (384-d token states, no caption
+    cut by the 10-token limit), the checkpoint records the encoder by name, and the validation split exists."""
+    out = tmp_path / "run"
+    run_cli(["-m", "ditmoe.train", *SMALL_T2I, "--preset", "demo-t2i-minilm", "--steps", "2", "--set", "eval_every=2",
+             "--set", "sample_every=0", "--out", str(out)], env={**ENV, "HF_HUB_OFFLINE": "1"})
+    manifest = json.loads((out / "data/digits-t2i/manifest.json").read_text())
+    assert (manifest["text_encoder"], manifest["text_max_length"], manifest["text_dim"]) == ("minilm", 10, 384)
+    assert manifest["num_samples"] == 1797 - 179
+    meta = json.loads((out / "checkpoints/step_00000002/meta.json").read_text())
+    assert meta["text_encoder"] == {"name": "minilm", "max_length": 10}
+    from ditmoe.data.latent_loader import read_fixed_samples
+
+    x, captions, labels = read_fixed_samples(out / "data/digits-t2i-val", 1000, seed=0)
+    assert len(x) == 179 and captions.tokens.shape[1:] == (10, 384)
+    assert int(captions.mask.sum(1).max()) == 8  # "an image of the digit seven" with [CLS] and [SEP]
+    assert eval_records(out)[0]["step"] == 2

@@ -142,3 +142,13 @@ def test_settings_out_of_range_are_usage_errors(capsys, tmp_path, args, message)
         train_main([*SMALL_DIGITS, *args, "--out", str(tmp_path)])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sampler_the_objective_lacks_is_refused_before_training(tmp_path, capsys):
+    """The demo samples with DPM-Solver++ during and after training: rectified flow has only Euler."""
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--preset", "demo", "--objective", "rectified_flow", "--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 2 and not (tmp_path / "run").exists()
+    err = capsys.readouterr().err
+    assert "eval_sampler='dpm_solver++' cannot sample objective 'rectified_flow'" in err
+    assert "choose one of euler" in err
