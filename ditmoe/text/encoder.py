@@ -50,6 +50,27 @@ def check_max_length(name: str, max_length: int, config, tokenizer) -> None:
             raise ValueError(f"text encoder {name!r}: max_length {max_length} exceeds its {what} {limit}")
 
 
+def _model_and_tokenizer(source: str, dtype, safetensors_only: bool, **kwargs):
+    """The encoder-only model and the tokenizer at ``source``: T5 and CLIP by their text classes, anything else
+    (BERT-family encoders such as minilm: last hidden states per token) through ``AutoModel``."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar per load
+    weights = {"use_safetensors": True} if safetensors_only else {}
+    config = transformers.AutoConfig.from_pretrained(source, **kwargs)
+    model_type = getattr(config, "model_type", "")
+    if model_type in _T5_CLASSES:
+        model = getattr(transformers, _T5_CLASSES[model_type]).from_pretrained(source, dtype=dtype, **weights,
+                                                                                **kwargs)
+    elif model_type in _CLIP_TYPES:
+        model = transformers.CLIPTextModel.from_pretrained(source, dtype=dtype, **weights, **kwargs)
+    else:
+        model = transformers.AutoModel.from_pretrained(source, dtype=dtype, **weights, **kwargs)
+        if getattr(model.config, "is_encoder_decoder", False):
+            model = model.get_encoder()
+    return model, transformers.AutoTokenizer.from_pretrained(source, **kwargs)
+
+
 class TextEncoder:
     """A frozen text encoder and its tokenizer; build with :meth:`load`."""
 
@@ -81,24 +102,10 @@ class TextEncoder:
                 source, local = name, Path(name).is_dir()
                 if not local and (Path(name).is_absolute() or name.startswith(".") or Path(name).exists()):
                     raise OSError(f"text encoder {name!r}: no such directory")
-            import transformers
-
-            transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar per load
             kwargs = {"local_files_only": offline() and not local, "trust_remote_code": False}
-            weights = {"use_safetensors": True} if registered is not None else {}
             try:
-                config = transformers.AutoConfig.from_pretrained(source, **kwargs)
-                model_type = getattr(config, "model_type", "")
-                if model_type in _T5_CLASSES:
-                    model = getattr(transformers, _T5_CLASSES[model_type]).from_pretrained(
-                        source, dtype=dtype, **weights, **kwargs)
-                elif model_type in _CLIP_TYPES:
-                    model = transformers.CLIPTextModel.from_pretrained(source, dtype=dtype, **weights, **kwargs)
-                else:  # BERT-family encoders (minilm) too: their last hidden states per token
-                    model = transformers.AutoModel.from_pretrained(source, dtype=dtype, **weights, **kwargs)
-                    if getattr(model.config, "is_encoder_decoder", False):
-                        model = model.get_encoder()
-                tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
+                model, tokenizer = _model_and_tokenizer(source, dtype, safetensors_only=registered is not None,
+                                                        **kwargs)
             except Exception as e:  # noqa: BLE001 (a refused pickle, a truncated safetensors file, a bad config, ...)
                 where = ("its verified files" if registered is not None else "a local directory" if local
                          else "the local cache (offline)" if kwargs["local_files_only"] else "the hub")
