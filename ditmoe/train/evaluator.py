@@ -39,8 +39,9 @@ class EngineModel:
     def parameters(self):
         return self.engine.module.parameters()
 
-    def __call__(self, x, t, y):
-        return self.engine(x.to(self.dtype), t, _cast(y, self.dtype)).float()
+    def __call__(self, x, t, y, drop_labels=None):
+        """``drop_labels``: classifier-free guidance's null-condition mask (text models)."""
+        return self.engine(x.to(self.dtype), t, _cast(y, self.dtype), drop_labels).float()
 
 
 def _cast(y: Condition, dtype: torch.dtype) -> Condition:
@@ -177,8 +178,8 @@ def sample_conditions(config: TrainConfig, validation_set, num_classes: int, has
     if validation_set is None:
         return None
     captions, label_of = validation_set[1], validation_set[2]
-    index = torch.arange(n) % batch_size(captions)
     if config.data != "digits-t2i":
-        return index_condition(captions, index), None
-    order = torch.argsort(label_of[index], stable=True)  # grouped by digit for the grid
-    return index_condition(captions, index[order]), label_of[index[order]].numpy()
+        return index_condition(captions, torch.arange(n) % batch_size(captions)), None
+    per_digit = max(1, n // num_classes)  # equal per digit, grouped by digit for the grid
+    index = torch.cat([torch.nonzero(label_of == d)[:, 0].repeat(per_digit)[:per_digit] for d in range(num_classes)])
+    return index_condition(captions, index), label_of[index].numpy()

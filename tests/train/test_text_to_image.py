@@ -145,7 +145,8 @@ def test_the_minilm_digits_demo_embeds_its_captions_with_the_pretrained_encoder(
     cut by the 10-token limit), the checkpoint records the encoder by name, and the validation split exists."""
     out = tmp_path / "run"
     run_cli(["-m", "ditmoe.train", *SMALL_T2I, "--preset", "demo-t2i-minilm", "--steps", "2", "--set", "eval_every=2",
-             "--set", "sample_every=0", "--out", str(out)], env={**ENV, "HF_HUB_OFFLINE": "1"})
+             "--set", "sample_every=2", "--set", "sample_samples=100", "--set", "eval_steps=2", "--out", str(out)],
+            env={**ENV, "HF_HUB_OFFLINE": "1"})
     manifest = json.loads((out / "data/digits-t2i/manifest.json").read_text())
     assert (manifest["text_encoder"], manifest["text_max_length"], manifest["text_dim"]) == ("minilm", 10, 384)
     assert manifest["num_samples"] == 1797 - 179
@@ -156,4 +157,6 @@ def test_the_minilm_digits_demo_embeds_its_captions_with_the_pretrained_encoder(
     x, captions, labels = read_fixed_samples(out / "data/digits-t2i-val", 1000, seed=0)
     assert len(x) == 179 and captions.tokens.shape[1:] == (10, 384)
     assert int(captions.mask.sum(1).max()) == 8  # "an image of the digit seven" with [CLS] and [SEP]
-    assert eval_records(out)[0]["step"] == 2
+    record = eval_records(out)[0]  # validation and the periodic samples: the held-out captions, guided
+    assert record["step"] == 2 and 0 <= record["samples/cond_accuracy"] <= 1 and record["samples/pixel_fd"] > 0
+    assert (out / "samples" / "step_00000002.png").is_file()
