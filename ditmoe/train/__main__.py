@@ -26,6 +26,8 @@ def build_parser():
                    help="print every --set key with its type, default and meaning, then exit")
     p.add_argument("--out", help=DOCS["out"])
     p.add_argument("--data", help=DOCS["data"])
+    p.add_argument("--val-data", metavar="DIR", help=DOCS["val_data"])
+    p.add_argument("--eval-ref", metavar="NPZ", help=DOCS["eval_ref"])
     p.add_argument("--steps", type=int, help=DOCS["steps"])
     p.add_argument("--global-batch-size", type=int, help=DOCS["global_batch_size"])
     p.add_argument("--micro-batch-size", type=int, help=DOCS["micro_batch_size"])
@@ -47,7 +49,7 @@ def build_parser():
 
 
 FLAG_FIELDS = (
-    "preset", "out", "data", "steps", "global_batch_size", "micro_batch_size", "seed", "objective", "precision",
+    "preset", "out", "data", "val_data", "eval_ref", "steps", "global_batch_size", "micro_batch_size", "seed", "objective", "precision",
     "zero_stage", "ep_size", "activation_checkpointing", "resume", "init_from", "overwrite", "resume_universal",
     "deepspeed_config",
 )

@@ -5,7 +5,7 @@
 #
 # On a cluster the same configs take a larger preset and latent shards; flags win over the files:
 #   LAUNCH="torchrun --nproc_per_node 8" EXTRA="--preset DiT-MoE-S/2-8E2A --data /data/latents \
-#     --global-batch-size 256 --steps 400000 --set val_data=/data/val_latents" experiments/moe_vs_dense/run.sh
+#     --global-batch-size 256 --steps 400000 --val-data /data/val_latents" experiments/moe_vs_dense/run.sh
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="${1:-runs/moe_vs_dense}"

@@ -28,7 +28,7 @@ def test_latent_runs_validate_on_val_data_and_decode_their_samples(tmp_path):
     latent_dataset(tmp_path / "val", 12, seed=1)
     out = tmp_path / "run"
     run_cli(["-m", "ditmoe.train", *MODEL, "--data", str(tmp_path / "train"), "--global-batch-size", "8",
-             "--steps", "2", "--set", "eval_samples=0", "--set", f"val_data={tmp_path / 'val'}",
+             "--steps", "2", "--set", "eval_samples=0", "--val-data", str(tmp_path / "val"),
              "--set", "eval_every=1", "--set", "sample_every=2", "--set", "sample_samples=20",
              "--set", "eval_steps=2", "--out", str(out)], env={"HF_HUB_OFFLINE": "1"})
     records = eval_records(out)
