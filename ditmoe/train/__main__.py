@@ -49,7 +49,8 @@ def build_parser():
 
 
 FLAG_FIELDS = (
-    "preset", "out", "data", "val_data", "eval_ref", "steps", "global_batch_size", "micro_batch_size", "seed", "objective", "precision",
+    "preset", "out", "data", "val_data", "eval_ref", "steps", "global_batch_size", "micro_batch_size", "seed",
+    "objective", "precision",
     "zero_stage", "ep_size", "activation_checkpointing", "resume", "init_from", "overwrite", "resume_universal",
     "deepspeed_config",
 )
