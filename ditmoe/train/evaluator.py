@@ -136,14 +136,17 @@ class TrainingEvaluator:
     def _generate(self, conditions: Condition) -> torch.Tensor:
         """Collective: latents for ``conditions``; batch b on rank b mod W (every rank runs as many batches),
         summed into one tensor that every rank gets."""
-        total = math.ceil(batch_size(conditions) / SAMPLE_BATCH)
+        n = batch_size(conditions)
+        total = math.ceil(n / SAMPLE_BATCH)
+        # every batch full (the last filled up with the first conditions): equal shapes on every rank for EP
+        conditions = index_condition(conditions, torch.arange(total * SAMPLE_BATCH) % n)
         mine = list(range(self.rank, total, self.world))
         rounds = math.ceil(total / self.world)
         mine += [0] * (rounds - len(mine))  # a repeated batch keeps the collectives in step; its output is dropped
-        bar = tqdm(mine, desc=f"sampling ({batch_size(conditions)} samples)", unit="batch", leave=False,
-                   disable=self.rank != 0, mininterval=1.0)
+        bar = tqdm(mine, desc=f"sampling ({n} samples)", unit="batch", leave=False, disable=self.rank != 0,
+                   mininterval=1.0)
         c = self.engine.module.config
-        out = torch.zeros(batch_size(conditions), c.in_channels, c.input_size, c.input_size, device=self.device)
+        out = torch.zeros(total * SAMPLE_BATCH, c.in_channels, c.input_size, c.input_size, device=self.device)
         model = EngineModel(self.engine, self.dtype)
         for i, b in enumerate(bar):
             latents = generate(model, self.objective, conditions, cfg_scale=self.config.eval_cfg_scale,
@@ -151,7 +154,7 @@ class TrainingEvaluator:
                                batch_size=SAMPLE_BATCH, seed=self.config.seed, batches=[b])
             if i < len(range(self.rank, total, self.world)):
                 out[b * SAMPLE_BATCH: b * SAMPLE_BATCH + len(latents)] = latents.to(self.device)
-        return all_reduce(out).cpu()
+        return all_reduce(out).cpu()[:n]
 
     def _write_grid(self, step: int, images: np.ndarray | None, rows: int | None = None):
         """``OUT/samples/step_N.png`` and a TensorBoard image of uint8 ``images`` (N, H, W[, C]) in ``rows`` rows

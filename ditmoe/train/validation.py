@@ -3,7 +3,8 @@
 Every held-out sample ``i`` is noised once in each of ``NUM_BUCKETS`` equal bands of diffusion time: at a
 fraction ``u = (b + r) / K`` of the way from data to noise (``r`` uniform in [0, 1)), with noise ε; ``r`` and
 ε come from a generator seeded by the run's seed alone. The (sample, band) items are cut into fixed batches
-of ``batch_size``; batch ``j`` runs on rank ``j mod W``, in eval mode, so each batch computes the same
+of ``batch_size`` (the last one filled up with the first items, so every forward has the same shape);
+batch ``j`` runs on rank ``j mod W``, in eval mode, so each batch computes the same
 numbers whatever the world size, and the per-item losses are summed into one vector that only its rank
 fills (adding zeros is exact). The values thus repeat across runs, resumes and world sizes; they change
 only with the weights.
@@ -46,7 +47,9 @@ class ValidationLoss:
         self.num_batches = math.ceil(n * NUM_BUCKETS / batch_size)
 
     def _batch(self, j: int):
-        items = slice(j * self.batch_size, (j + 1) * self.batch_size)
+        """Items of batch ``j``, always ``batch_size`` of them: the last batch wraps around to the first items, so
+        every forward on every rank has the same shape (expert parallelism exchanges equal token counts)."""
+        items = torch.arange(j * self.batch_size, (j + 1) * self.batch_size) % len(self.samples)
         samples = self.samples[items]
         x0 = self.x[samples].to(self.device)
         y = condition_to(index_condition(self.y, samples), self.device)
@@ -64,8 +67,9 @@ class ValidationLoss:
             losses = self.objective.training_losses(forward, x0, y, t=self.t[items].to(self.device),
                                                     noise=self.noise[items].to(self.device))
             if j < self.num_batches:
-                per_item[0, items] = losses["loss"].double()
-                per_item[1, items] = losses["mse"].double()
+                valid = min(self.batch_size, len(self.samples) - j * self.batch_size)  # wrapped items: computed once
+                per_item[0, items[:valid]] = losses["loss"][:valid].double()
+                per_item[1, items[:valid]] = losses["mse"][:valid].double()
         per_item = all_reduce(per_item).cpu()
         record = {"loss": per_item[0].mean().item(), "mse": per_item[1].mean().item()}
         for b in range(NUM_BUCKETS):

@@ -119,7 +119,8 @@ def test_analyze_routing_missing_and_dense_checkpoints(trained_digits_run, tmp_p
 
 
 T2I = ["--preset", "demo-t2i", "--global-batch-size", "16", "--set", "model.hidden_size=32",
-       "--set", "model.depth=4", "--set", "model.num_heads=2", "--set", "log_every=1", "--set", "eval_samples=0"]
+       "--set", "model.depth=4", "--set", "model.num_heads=2", "--set", "log_every=1", "--set", "eval_samples=0",
+       "--set", "eval_every=0", "--set", "sample_every=0"]
 
 
 @pytest.fixture(scope="module")

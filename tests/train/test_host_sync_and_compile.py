@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow  # its fixtures take seconds: trainings, whole com
 
 RECORDER = Path(__file__).with_name("run_recorder.py")
 BASE = ("data=digits,model.in_channels=1,steps=6,log_every=3,ckpt_every=6,global_batch_size=8,micro_batch_size=4,"
-        "eval_samples=0,tensorboard=false,seed=1,lr=3e-3")
+        "eval_samples=0,tensorboard=false,seed=1,lr=3e-3,sample_every=0,eval_every=0")
+VALIDATE = "eval_every=6"  # the sync runs' last step measures the validation loss (ZeRO-1 against ZeRO-3)
 KINDS = {"dense": "preset=tiny,model.num_experts=0", "token_choice": "preset=tiny", "expert_choice": "preset=tiny-ec"}
 # DeepSpeed's own per-step reads (not ditmoe's): ZeRO-1/2 checks the gradient norm for inf/NaN before
 # clipping (and in fp32 once more for overflow), ZeRO-3 once.
@@ -40,7 +41,7 @@ def from_ditmoe(records: list[dict]) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def sync_runs(tmp_path_factory):
-    runs = {f"{kind}-zero{stage}": f"{settings},{BASE},zero_stage={stage}"
+    runs = {f"{kind}-zero{stage}": f"{settings},{BASE},zero_stage={stage},{VALIDATE}"
             for kind, settings in KINDS.items() for stage in (1, 3)}
     runs["token_choice-zero1-bf16"] = f"{KINDS['token_choice']},{BASE},zero_stage=1,precision=bf16"
     runs["token_choice-zero0"] = f"{KINDS['token_choice']},{BASE},zero_stage=0"
