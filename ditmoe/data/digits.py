@@ -33,3 +33,8 @@ def pixels_to_latents(images: np.ndarray) -> torch.Tensor:
 def latents_to_pixels(latents: torch.Tensor) -> np.ndarray:
     """(N, 1, 8, 8) model outputs -> (N, 8, 8) float pixels clipped to [0, 16]."""
     return ((latents[:, 0].float().clamp(-1, 1) + 1) / 2 * PIXEL_MAX).cpu().numpy()
+
+
+def pixels_to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """(N, 8, 8) float pixels in [0, 16] -> uint8 in [0, 255], for image files."""
+    return np.round(pixels / PIXEL_MAX * 255).astype(np.uint8)

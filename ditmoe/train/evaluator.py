@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..data.digits import latents_to_pixels
+from ..data.digits import latents_to_pixels, pixels_to_uint8
 from ..eval.digits import digits_quality
 from ..eval.grid import save_grid
 from ..model.conditioning import Condition, batch_size, index_condition
@@ -116,22 +116,15 @@ class TrainingEvaluator:
             return {}
         if labels is not None:  # the embedded digits: a grid of GRID_PER_ROW samples per class, and quality
             pixels = latents_to_pixels(latents)
-            self._write_grid(step, self._class_rows(pixels, labels))
+            rows = [pixels[labels == c][:GRID_PER_ROW] for c in np.unique(labels)]
+            if all(len(row) == GRID_PER_ROW for row in rows):
+                self._write_grid(step, pixels_to_uint8(np.concatenate(rows)), len(rows))
             return {f"samples/{key}": value for key, value in digits_quality(pixels, labels).items()}
         images = self.latent_quality.decode(latents)  # (N, H, W, 3) uint8
         rows = min(GRID_PER_ROW, len(images) // GRID_PER_ROW)
         if rows:
             self._write_grid(step, images[:rows * GRID_PER_ROW], rows)
         return {f"samples/{key}": value for key, value in self.latent_quality.quality(images).items()}
-
-    @staticmethod
-    def _class_rows(pixels: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, int] | None:
-        """Digits (N, 8, 8) in [0, 16] as uint8 images, GRID_PER_ROW per class in class order, and the rows."""
-        classes = np.unique(labels)
-        rows = [pixels[labels == c][:GRID_PER_ROW] for c in classes]
-        if any(len(row) < GRID_PER_ROW for row in rows):
-            return None
-        return np.round(np.concatenate(rows) / 16 * 255).astype(np.uint8), len(classes)
 
     def _generate(self, conditions: Condition) -> torch.Tensor:
         """Collective: latents for ``conditions``; batch b on rank b mod W (every rank runs as many batches),
@@ -141,8 +134,8 @@ class TrainingEvaluator:
         # every batch full (the last filled up with the first conditions): equal shapes on every rank for EP
         conditions = index_condition(conditions, torch.arange(total * SAMPLE_BATCH) % n)
         mine = list(range(self.rank, total, self.world))
-        rounds = math.ceil(total / self.world)
-        mine += [0] * (rounds - len(mine))  # a repeated batch keeps the collectives in step; its output is dropped
+        owned = len(mine)
+        mine += [0] * (math.ceil(total / self.world) - owned)  # a repeated batch keeps the collectives in step
         bar = tqdm(mine, desc=f"sampling ({n} samples)", unit="batch", leave=False, disable=self.rank != 0,
                    mininterval=1.0)
         c = self.engine.module.config
@@ -152,17 +145,12 @@ class TrainingEvaluator:
             latents = generate(model, self.objective, conditions, cfg_scale=self.config.eval_cfg_scale,
                                sampler=self.config.eval_sampler, steps=self.config.eval_steps,
                                batch_size=SAMPLE_BATCH, seed=self.config.seed, batches=[b])
-            if i < len(range(self.rank, total, self.world)):
-                out[b * SAMPLE_BATCH: b * SAMPLE_BATCH + len(latents)] = latents.to(self.device)
+            if i < owned:  # the repeated batch's output is dropped
+                out[b * SAMPLE_BATCH:(b + 1) * SAMPLE_BATCH] = latents.to(self.device)
         return all_reduce(out).cpu()[:n]
 
-    def _write_grid(self, step: int, images: np.ndarray | None, rows: int | None = None):
-        """``OUT/samples/step_N.png`` and a TensorBoard image of uint8 ``images`` (N, H, W[, C]) in ``rows`` rows
-        (``images`` may be the pair ``_class_rows`` returns; None writes nothing)."""
-        if images is None:
-            return
-        if rows is None:
-            images, rows = images
+    def _write_grid(self, step: int, images: np.ndarray, rows: int):
+        """``OUT/samples/step_N.png`` and a TensorBoard image of uint8 ``images`` (N, H, W[, C]) in ``rows`` rows."""
         path = Path(self.config.out) / "samples" / f"step_{step:08d}.png"
         path.parent.mkdir(exist_ok=True)
         with staged_file(path) as tmp:

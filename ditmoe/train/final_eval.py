@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..data.digits import latents_to_pixels
+from ..data.digits import latents_to_pixels, pixels_to_uint8
 from ..diffusion import objective_for
 from ..eval.digits import digits_quality
 from ..eval.grid import save_grid
@@ -57,7 +57,7 @@ def final_eval(config: TrainConfig) -> dict:
 def write_grid(pixels: np.ndarray, rows: int, path: Path):
     """Digits (N, 8, 8) in [0, 16] as a PNG grid of ``rows`` rows, replacing ``path`` only once complete."""
     with staged_file(path) as tmp:
-        save_grid(np.round(pixels / 16 * 255).astype(np.uint8), rows=rows, path=tmp)
+        save_grid(pixels_to_uint8(pixels), rows=rows, path=tmp)
 
 
 def write_result(result: dict, path: Path):
