@@ -7,6 +7,7 @@ resume flags form one group: the table gives each group's final values as mean Â
 over its runs, the figure each group's mean with the range over its runs.
 """
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -31,17 +32,20 @@ class Run:
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # key -> [(step, value)]
     final: dict = field(default_factory=dict)  # eval.json
 
+    @functools.cached_property
+    def card(self) -> dict:
+        """The model card of the run's model (parameters and FLOPs), built once."""
+        return model_card(DiTConfig.from_dict(self.model))
+
     @property
     def train_gflops_per_step(self) -> float:
         """Training FLOPs of one optimizer step in GFLOPs: 3 forward passes' worth (forward and backward) per
         sample of the global batch, attention included (``model_card``'s ``gflops_full``)."""
-        card = model_card(DiTConfig.from_dict(self.model))
-        return 3 * card["gflops_full"] * self.train["global_batch_size"]
+        return 3 * self.card["gflops_full"] * self.train["global_batch_size"]
 
     @property
     def params(self) -> dict:
-        card = model_card(DiTConfig.from_dict(self.model))
-        return {"total": card["params_total_M"], "activated": card["params_activated_M"]}
+        return {"total": self.card["params_total_M"], "activated": self.card["params_activated_M"]}
 
     def experiment(self) -> str:
         """The settings that make the experiment (JSON, sorted): all but seed, folder and resume flags."""
